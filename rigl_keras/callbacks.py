@@ -1,0 +1,400 @@
+"""Sparse-training callbacks for `model.fit`: the shared machinery and RigL.
+
+`SparseTrainingCallback` finds the masked layers, follows the optimizer step,
+logs, and can audit invariants; `DynamicSparseCallback` adds the drop/grow
+schedule and runs the engine; a method (RigL here, SET and SNFS in
+`rigl_keras.baselines`) only says where to grow.
+
+Growth gradients (RigL, SNFS) come from `grow_data`: Keras callbacks never
+see the batch being trained on, so, like the official TF2 port of RigL, the
+callback draws its own batch of training data at each update. Batches drawn
+from an `(x, y)` array tuple are keyed to the optimizer step, so a resumed
+run draws the same ones.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from rigl_keras import backend as gradients_backend
+from rigl_keras import engine
+from rigl_keras import layers as masked_layers
+from rigl_keras import schedules
+from rigl_keras.audit import check_sparsity
+
+__all__ = [
+    "SparseTrainingCallback",
+    "DynamicSparseCallback",
+    "RigLCallback",
+    "GrowData",
+]
+
+
+def _is_dataset(data) -> bool:
+    try:
+        import tensorflow as tf
+    except ImportError:  # pragma: no cover - TF is a dependency
+        return False
+    return isinstance(data, tf.data.Dataset)
+
+
+class GrowData:
+    """A source of training batches for growth gradients.
+
+    Accepts an `(x, y)` or `(x, y, sample_weight)` tuple of arrays (a batch of
+    `batch_size` rows is drawn at random, keyed to `seed` and the step, so it
+    is reproducible and resume-safe), a `tf.data.Dataset` of batches, or any
+    re-iterable of batches (each pass is restarted when exhausted).
+
+    Args:
+      data: the source, as above.
+      batch_size: rows per batch drawn from an array tuple.
+      seed: seed of the row draws.
+
+    Raises:
+      ValueError: for anything else, an empty tuple source, or a bad
+        batch size.
+    """
+
+    def __init__(self, data, batch_size: int = 128, seed: int = 0):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`grow_batch_size` must be an int >= 1; got {batch_size!r}.")
+        self.batch_size = batch_size
+        self.seed = seed
+        self._iterator = None
+        self._arrays = None
+        self._iterable = None
+        if isinstance(data, tuple) and len(data) in (2, 3):
+            leaves = keras.tree.flatten(data[0])
+            if not leaves:
+                raise ValueError("`grow_data` x is empty.")
+            n = int(np.shape(leaves[0])[0])
+            if n == 0:
+                raise ValueError("`grow_data` holds no rows.")
+            self._arrays, self._rows = data, n
+        elif _is_dataset(data) or (
+            isinstance(data, collections.abc.Iterable) and not isinstance(data, (str, bytes, dict, tuple))
+        ):
+            self._iterable = data
+        else:
+            raise ValueError(
+                "`grow_data` must be an (x, y) or (x, y, sample_weight) tuple of "
+                "arrays, a tf.data.Dataset of batches, or an iterable of batches; "
+                f"got {type(data).__name__}."
+            )
+
+    def batch(self, step: int):
+        """The batch to use for the update at optimizer step `step`."""
+        if self._arrays is not None:
+            rng = np.random.default_rng([int(self.seed), int(step)])
+            size = min(self.batch_size, self._rows)
+            rows = np.sort(rng.choice(self._rows, size=size, replace=False))
+            return keras.tree.map_structure(
+                lambda a: None if a is None else ops.take(ops.convert_to_tensor(a), rows, axis=0),
+                self._arrays,
+            )
+        if self._iterator is not None:
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                pass
+        self._iterator = iter(self._iterable)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise ValueError("`grow_data` yielded no batch.") from None
+
+
+class SparseTrainingCallback(keras.callbacks.Callback):
+    """Shared machinery of every sparse-training callback.
+
+    Finds the model's masked layers at the start of `fit`, calls
+    `after_step(previous_step, step, logs)` whenever the optimizer has
+    advanced (the step is read from `optimizer.iterations`, never counted in
+    Python, so resuming from a checkpoint continues the schedule exactly), and
+    writes per-epoch totals of what the method did into the epoch logs.
+
+    Args:
+      seed: seed of everything random the method does.
+      check_invariants: after every connectivity change, verify binary masks,
+        exact counts and zeros outside the mask (weights and optimizer state)
+        with `rigl_keras.check_sparsity`; raises on the first violation.
+
+    Raises:
+      ValueError: for a non-int seed.
+    """
+
+    #: Whether a connectivity change keeps per-layer counts constant.
+    keeps_counts = True
+
+    def __init__(self, *, seed: int = 0, check_invariants: bool = False):
+        super().__init__()
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"`seed` must be an int; got {seed!r}.")
+        self.seed = int(seed)
+        self.check_invariants = bool(check_invariants)
+        self._layers: list = []
+        self._last_step = 0
+        self._epoch_changed = 0
+        self._epoch_updates = 0
+        self._last_fraction = 0.0
+        self._counts: dict[str, int] = {}
+
+    # -- configuration -----------------------------------------------------
+    def get_config(self) -> dict:
+        """The constructor arguments (data sources excluded)."""
+        return {"seed": self.seed, "check_invariants": self.check_invariants}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Rebuilds the callback from `get_config()`."""
+        return cls(**config)
+
+    # -- helpers for subclasses ---------------------------------------------
+    @property
+    def masked_layers(self) -> list:
+        """The masked layers this callback manages (set at train begin)."""
+        return self._layers
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps of the whole fit, if known."""
+        params = self.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        if steps is None or epochs is None:
+            return None
+        return int(steps) * int(epochs)
+
+    def optimizer_slots(self, layer) -> list:
+        """Optimizer state variables of `layer`'s kernel."""
+        model = self.model
+        return engine.optimizer_state_for(
+            model.optimizer, layer.raw_kernel, model.trainable_variables
+        )
+
+    def layer_seed(self, step: int, index: int) -> int:
+        """A 31-bit seed for layer `index` at `step`, derived from `seed`."""
+        rng = np.random.default_rng([self.seed, int(step), int(index)])
+        return int(rng.integers(0, 2**31 - 1))
+
+    # -- Keras hooks ---------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        model = self.model  # syncs backend state (JAX) before any read
+        layers = masked_layers.masked_layers_of(model)
+        if not layers:
+            raise ValueError(
+                f"{type(self).__name__}: model {model.name!r} has no masked layer. "
+                "Build it with rigl_keras.MaskedDense/MaskedConv2D or pass it "
+                "through rigl_keras.sparsify first."
+            )
+        self._layers = layers
+        self._last_step = int(model.optimizer.iterations)
+        self.setup()
+        self._counts = self._current_counts()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if step == self._last_step:
+            return  # e.g. a loss-scale optimizer skipped a non-finite step
+        previous, self._last_step = self._last_step, step
+        self.after_step(previous, step, logs if logs is not None else {})
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_changed = 0
+        self._epoch_updates = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["connections_changed"] = self._epoch_changed
+            logs["mask_updates"] = self._epoch_updates
+            logs["drop_fraction"] = self._last_fraction
+
+    # -- for subclasses ------------------------------------------------------
+    def setup(self) -> None:
+        """Called at train begin once `masked_layers` is known."""
+
+    def after_step(self, previous: int, step: int, logs: dict) -> None:
+        """Called after the optimizer moved from step `previous` to `step`."""
+
+    def record(self, logs: dict, fraction: float, results) -> None:
+        """Logs one connectivity update and audits it if asked to."""
+        changed = sum(r.changed for r in results)
+        logs["drop_fraction"] = fraction
+        logs["connections_changed"] = changed
+        self._epoch_changed += changed
+        self._epoch_updates += 1
+        self._last_fraction = fraction
+        if self.check_invariants:
+            check_sparsity(self.model, self._counts if self.keeps_counts else None)
+        if not self.keeps_counts:
+            self._counts = self._current_counts()
+
+    def _current_counts(self) -> dict[str, int]:
+        return {
+            layer.name: int(ops.sum(ops.cast(ops.not_equal(layer.mask, 0), "int32")))
+            for layer in self._layers
+        }
+
+
+class DynamicSparseCallback(SparseTrainingCallback):
+    """Drop/grow every ΔT steps on the shared engine; subclasses give grow scores.
+
+    At every update step t (t mod ΔT = 0, begin ≤ t < T_end), each masked
+    layer replaces floor(f_decay(t) · n_active) connections: the active ones
+    of smallest |w| are dropped, and the same number of inactive ones with the
+    largest `grow_scores` are activated at zero with zeroed optimizer state.
+
+    Args:
+      delta_t: steps between updates (ΔT), >= 1.
+      alpha: initial update fraction, in (0, 1].
+      end_step: last update step (exclusive): an int, or a float in (0, 1]
+        giving a fraction of the fit's total steps.
+      decay: "cosine" or "constant".
+      begin_step: first step at which updates may happen.
+      seed: seed of everything random the method does.
+      check_invariants: audit invariants after every update.
+
+    Raises:
+      ValueError: for an argument out of range (see `UpdateSchedule`).
+    """
+
+    def __init__(
+        self,
+        delta_t: int = 100,
+        alpha: float = 0.3,
+        end_step: int | float = 0.75,
+        decay: str = "cosine",
+        *,
+        begin_step: int = 0,
+        seed: int = 0,
+        check_invariants: bool = False,
+    ):
+        super().__init__(seed=seed, check_invariants=check_invariants)
+        self.schedule = schedules.UpdateSchedule(
+            delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay, begin_step=begin_step
+        )
+        self._end = None
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            delta_t=self.schedule.delta_t,
+            alpha=self.schedule.alpha,
+            end_step=self.schedule.end_step,
+            decay=self.schedule.decay,
+            begin_step=self.schedule.begin_step,
+        )
+        return config
+
+    def on_train_begin(self, logs=None):
+        self._end = self.schedule.end(self.total_steps)
+        super().on_train_begin(logs)
+
+    def grow_scores(self, step: int) -> list:
+        """One score tensor per masked layer; larger means grow first."""
+        raise NotImplementedError
+
+    def after_step(self, previous, step, logs):
+        update_step = self.schedule.last_update_step(previous, step, self._end)
+        if update_step is not None:
+            self.update(update_step, logs)
+
+    def update(self, step: int, logs: dict | None = None) -> list:
+        """Runs one drop/grow update as at optimizer step `step`.
+
+        Returns:
+          One `engine.UpdateResult` per masked layer.
+        """
+        end = self._end if self._end is not None else self.schedule.end(self.total_steps)
+        fraction = self.schedule.drop_fraction(step, end)
+        scores = self.grow_scores(step)
+        results = [
+            engine.drop_grow(layer, fraction, score, self.optimizer_slots(layer))
+            for layer, score in zip(self._layers, scores)
+        ]
+        self.record(logs if logs is not None else {}, fraction, results)
+        return results
+
+
+class RigLCallback(DynamicSparseCallback):
+    """RigL (Evci et al. 2020): grow where the dense gradient is largest.
+
+    Every ΔT optimizer steps until `end_step`, each masked layer drops the
+    k = floor(f_decay(t) · n_active) active weights of smallest magnitude and
+    grows the k inactive positions (just-dropped ones included) with the
+    largest |∂L/∂W_eff|, the gradient of the loss with respect to the masked
+    kernel, on one batch from `grow_data`. Grown weights start at 0, and every
+    optimizer state tensor of dropped and grown positions is zeroed.
+
+    The dense gradient costs one extra forward and backward pass per update,
+    so steps between updates cost what static sparse training costs.
+
+    Logs: on update batches, `drop_fraction` and `connections_changed`; at
+    epoch end, the epoch's `connections_changed` total, `mask_updates` and the
+    last `drop_fraction` (recorded by `History`).
+
+    Args:
+      delta_t: steps between updates (ΔT), >= 1.
+      alpha: initial update fraction, in (0, 1].
+      end_step: last update step (exclusive): an int, or a float in (0, 1]
+        giving a fraction of the fit's total steps.
+      decay: "cosine" or "constant".
+      grow_data: training data for growth gradients: an `(x, y)` tuple of
+        arrays, a `tf.data.Dataset` of batches, or an iterable of batches.
+        Required before training starts.
+      seed: seed of the batch draws.
+      grow_batch_size: rows drawn per update from an array tuple.
+      begin_step: first step at which updates may happen.
+      check_invariants: audit invariants after every update.
+
+    Raises:
+      ValueError: for an argument out of range, `grow_data` of the wrong
+        kind, or (at train begin) no `grow_data` or no masked layer.
+    """
+
+    def __init__(
+        self,
+        delta_t: int = 100,
+        alpha: float = 0.3,
+        end_step: int | float = 0.75,
+        decay: str = "cosine",
+        grow_data=None,
+        seed: int = 0,
+        *,
+        grow_batch_size: int = 128,
+        begin_step: int = 0,
+        check_invariants: bool = False,
+    ):
+        super().__init__(
+            delta_t, alpha, end_step, decay,
+            begin_step=begin_step, seed=seed, check_invariants=check_invariants,
+        )
+        self.grow_batch_size = grow_batch_size
+        self.grow_data = None if grow_data is None else GrowData(grow_data, grow_batch_size, seed)
+        if grow_data is None:
+            GrowData((np.zeros((1, 1)), np.zeros((1,))), grow_batch_size)  # validates the size
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["grow_batch_size"] = self.grow_batch_size
+        return config
+
+    def on_train_begin(self, logs=None):
+        if self.grow_data is None:
+            raise ValueError(
+                f"{type(self).__name__} needs `grow_data` (e.g. grow_data=(x_train, "
+                "y_train)) to compute growth gradients: Keras callbacks do not "
+                "see the batch being trained on."
+            )
+        super().on_train_begin(logs)
+
+    def grow_scores(self, step):
+        grads = gradients_backend.dense_kernel_gradients(
+            self.model, self._layers, self.grow_data.batch(step)
+        )
+        return [ops.abs(g) for g in grads]
