@@ -19,6 +19,7 @@ from rigl_keras.layers import (
     MaskedDepthwiseConv2D,
     MaskedKernelMixin,
 )
+from rigl_keras import baselines
 from rigl_keras.schedules import PolynomialSchedule, UpdateSchedule
 from rigl_keras.sparsify import (
     LayerSparsity,
@@ -50,4 +51,5 @@ __all__ = [
     "PolynomialSchedule",
     "check_sparsity",
     "SparsityInvariantError",
+    "baselines",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-__all__ = ["dense_kernel_gradients"]
+__all__ = ["dense_kernel_gradients", "gradient_function", "creation_scope"]
 
 
 def _substituted_values(model, layers, effective):
@@ -91,3 +91,42 @@ def dense_kernel_gradients(model, layers, data) -> list:
         f"Growth gradients are not implemented for the {backend!r} backend yet; "
         "use TensorFlow or JAX, or a method that needs no gradient (SET, static)."
     )
+
+
+def gradient_function(model, layers):
+    """A reusable `data -> dense_kernel_gradients(model, layers, data)`.
+
+    On TensorFlow the computation is traced once into a graph (variables are
+    read by reference, so it sees every later mask and weight), which keeps
+    a RigL update, and SNFS's every-step gradient, cheap.
+
+    Args:
+      model: a compiled Keras model containing `layers`.
+      layers: masked layers of `model`.
+
+    Returns:
+      A function of one batch returning one gradient tensor per layer.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return lambda data: dense_kernel_gradients(model, layers, data)
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def compiled(data):
+        return dense_kernel_gradients(model, layers, data)
+
+    def call(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        return compiled(tuple(item for item in (x, y, sample_weight) if item is not None))
+
+    return call
+
+
+def creation_scope(model):
+    """A context in which new variables belong with `model`'s (distribution strategy)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is not None and keras.backend.backend() == "tensorflow":
+        return strategy.scope()
+    import contextlib
+
+    return contextlib.nullcontext()

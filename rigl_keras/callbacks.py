@@ -131,6 +131,8 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     #: Whether a connectivity change keeps per-layer counts constant.
     keeps_counts = True
+    #: Log name of the per-update fraction (drop fraction, or target sparsity).
+    fraction_key = "drop_fraction"
 
     def __init__(self, *, seed: int = 0, check_invariants: bool = False):
         super().__init__()
@@ -212,7 +214,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         if logs is not None:
             logs["connections_changed"] = self._epoch_changed
             logs["mask_updates"] = self._epoch_updates
-            logs["drop_fraction"] = self._last_fraction
+            logs[self.fraction_key] = self._last_fraction
 
     # -- for subclasses ------------------------------------------------------
     def setup(self) -> None:
@@ -224,7 +226,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     def record(self, logs: dict, fraction: float, results) -> None:
         """Logs one connectivity update and audits it if asked to."""
         changed = sum(r.changed for r in results)
-        logs["drop_fraction"] = fraction
+        logs[self.fraction_key] = fraction
         logs["connections_changed"] = changed
         self._epoch_changed += changed
         self._epoch_updates += 1
@@ -236,8 +238,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     def _current_counts(self) -> dict[str, int]:
         return {
-            layer.name: int(ops.sum(ops.cast(ops.not_equal(layer.mask, 0), "int32")))
-            for layer in self._layers
+            layer.name: engine.active_connections(layer) for layer in self._layers
         }
 
 
@@ -314,7 +315,12 @@ class DynamicSparseCallback(SparseTrainingCallback):
         fraction = self.schedule.drop_fraction(step, end)
         scores = self.grow_scores(step)
         results = [
-            engine.drop_grow(layer, fraction, score, self.optimizer_slots(layer))
+            engine.drop_grow(
+                layer,
+                int(fraction * engine.active_connections(layer)),
+                score,
+                self.optimizer_slots(layer),
+            )
             for layer, score in zip(self._layers, scores)
         ]
         self.record(logs if logs is not None else {}, fraction, results)
@@ -393,8 +399,8 @@ class RigLCallback(DynamicSparseCallback):
             )
         super().on_train_begin(logs)
 
+    def setup(self):
+        self._gradients = gradients_backend.gradient_function(self.model, self._layers)
+
     def grow_scores(self, step):
-        grads = gradients_backend.dense_kernel_gradients(
-            self.model, self._layers, self.grow_data.batch(step)
-        )
-        return [ops.abs(g) for g in grads]
+        return [ops.abs(g) for g in self._gradients(self.grow_data.batch(step))]

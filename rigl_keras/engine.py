@@ -24,6 +24,8 @@ __all__ = [
     "commit",
     "drop_grow",
     "prune",
+    "active_connections",
+    "scores_are_finite",
     "optimizer_state_for",
 ]
 
@@ -65,35 +67,44 @@ def _top(scores, k):
     return ops.top_k(scores, k, sorted=True)[1]
 
 
-def drop_grow_masks(mask, drop_score, grow_score, n_change: int):
+def drop_grow_masks(mask, drop_score, grow_score, n_drop: int, n_grow: int | None = None):
     """The RigL/SET/SNFS mask update on one kernel (paper §3(3)–(4)).
 
-    Keeps the `n_active − n_change` active positions with the largest
-    `drop_score`, then activates the `n_change` positions with the largest
+    Keeps the `n_active − n_drop` active positions with the largest
+    `drop_score`, then activates the `n_grow` positions with the largest
     `grow_score` among all positions not kept (just-dropped ones included).
 
     Args:
       mask: 0/1 tensor of the kernel's shape.
       drop_score: tensor of the kernel's shape (|w| for every method here).
       grow_score: tensor of the kernel's shape.
-      n_change: connections to replace, 0 <= n_change <= active count.
+      n_drop: connections to drop, 0 <= n_drop <= active count.
+      n_grow: connections to grow; defaults to `n_drop`, which keeps the
+        count exact. At most the number of positions not kept.
 
     Returns:
       (new_mask, keep): bool tensors of the kernel's shape. `keep` marks the
-      surviving connections; `new_mask` is `keep` plus the grown ones. The
-      number of True values of `new_mask` equals that of `mask`.
+      surviving connections; `new_mask` is `keep` plus the grown ones.
+
+    Raises:
+      ValueError: if a count is out of range.
     """
+    n_grow = n_drop if n_grow is None else n_grow
     shape = tuple(mask.shape)
     size = int(ops.size(mask))
     active = ops.not_equal(_flat(mask), 0)
     n_active = int(ops.sum(ops.cast(active, "int32")))
-    if not 0 <= n_change <= n_active:
-        raise ValueError(f"n_change must be in [0, {n_active}]; got {n_change}.")
+    if not 0 <= n_drop <= n_active:
+        raise ValueError(f"n_drop must be in [0, {n_active}]; got {n_drop}.")
+    if not 0 <= n_grow <= size - (n_active - n_drop):
+        raise ValueError(
+            f"n_grow must be in [0, {size - (n_active - n_drop)}]; got {n_grow}."
+        )
     neg_inf = float("-inf")
     drop_score = ops.where(active, ops.cast(_flat(drop_score), "float32"), neg_inf)
-    keep = _indicator(_top(drop_score, n_active - n_change), size)
+    keep = _indicator(_top(drop_score, n_active - n_drop), size)
     grow_score = ops.where(keep, neg_inf, ops.cast(_flat(grow_score), "float32"))
-    grown = _indicator(_top(grow_score, n_change), size)
+    grown = _indicator(_top(grow_score, n_grow), size)
     new_mask = ops.logical_or(keep, grown)
     return ops.reshape(new_mask, shape), ops.reshape(keep, shape)
 
@@ -184,8 +195,29 @@ def _all_finite(*tensors) -> bool:
     return all(bool(ops.all(ops.isfinite(ops.cast(t, "float32")))) for t in tensors)
 
 
-def drop_grow(layer, drop_fraction: float, grow_score, slots=(), drop_score=None) -> UpdateResult:
-    """Replaces floor(drop_fraction · n_active) connections of `layer`.
+def active_connections(layer) -> int:
+    """The number of ones in `layer`'s mask."""
+    return int(ops.sum(ops.cast(ops.not_equal(layer.mask, 0), "int32")))
+
+
+def scores_are_finite(layer, grow_score, drop_score=None) -> bool:
+    """False (with a warning) if a grow score or an active weight is not finite."""
+    if drop_score is None:
+        drop_score = ops.where(ops.not_equal(layer.mask, 0), layer.raw_kernel, 0)
+    if _all_finite(drop_score, grow_score):
+        return True
+    warnings.warn(
+        f"rigl_keras: non-finite weights or growth scores in layer "
+        f"{layer.name!r}; its connectivity update is skipped.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+def drop_grow(layer, n_drop: int, grow_score, slots=(), *, n_grow: int | None = None,
+              drop_score=None) -> UpdateResult:
+    """Drops `n_drop` connections of `layer` and grows `n_grow` (default: as many).
 
     Drops the active connections of smallest |w| (or smallest `drop_score`)
     and grows where `grow_score` is largest; grown weights and the optimizer
@@ -194,35 +226,30 @@ def drop_grow(layer, drop_fraction: float, grow_score, slots=(), drop_score=None
 
     Args:
       layer: a masked layer.
-      drop_fraction: f_decay(t), in [0, 1].
+      n_drop: connections to drop (see `drop_grow_masks`).
       grow_score: tensor of the kernel's shape.
       slots: the optimizer state variables of the layer's kernel.
+      n_grow: connections to grow; defaults to `n_drop`.
       drop_score: defaults to |kernel|.
 
     Returns:
       An `UpdateResult`.
     """
     mask = layer.mask
-    n_active = int(ops.sum(ops.cast(ops.not_equal(mask, 0), "int32")))
+    n_active = active_connections(layer)
     if drop_score is None:
         drop_score = ops.abs(ops.where(ops.not_equal(mask, 0), layer.raw_kernel, 0))
-    if not _all_finite(drop_score, grow_score):
-        warnings.warn(
-            f"rigl_keras: non-finite weights or growth scores in layer "
-            f"{layer.name!r}; its connectivity update is skipped.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    if not scores_are_finite(layer, grow_score, drop_score):
         return UpdateResult(layer.name, n_active, 0, skipped=True)
-    n_change = int(drop_fraction * n_active)
-    if n_change == 0:
+    n_grow = n_drop if n_grow is None else n_grow
+    if n_drop == 0 and n_grow == 0:
         return UpdateResult(layer.name, n_active, 0)
-    new_mask, keep = drop_grow_masks(mask, drop_score, grow_score, n_change)
+    new_mask, keep = drop_grow_masks(mask, drop_score, grow_score, n_drop, n_grow)
     changed = int(
         ops.sum(ops.cast(ops.logical_and(new_mask, ops.equal(mask, 0)), "int32"))
     )
     commit(layer, new_mask, keep, slots)
-    return UpdateResult(layer.name, n_active, changed)
+    return UpdateResult(layer.name, n_active - n_drop + n_grow, changed)
 
 
 def prune(layer, n_keep: int, slots=(), score=None) -> UpdateResult:
@@ -238,7 +265,7 @@ def prune(layer, n_keep: int, slots=(), score=None) -> UpdateResult:
       An `UpdateResult` whose `changed` counts removed connections.
     """
     mask = layer.mask
-    n_active = int(ops.sum(ops.cast(ops.not_equal(mask, 0), "int32")))
+    n_active = active_connections(layer)
     if score is None:
         score = ops.abs(layer.raw_kernel)
     if not _all_finite(ops.where(ops.not_equal(mask, 0), score, 0)):

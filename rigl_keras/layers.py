@@ -68,6 +68,7 @@ class MaskedKernelMixin:
 
     def build(self, input_shape):
         self._kernel = None
+        self.grow_momentum = None
         super().build(input_shape)
         if getattr(self, "lora_enabled", False) or getattr(
             self, "quantization_mode", None
@@ -85,11 +86,36 @@ class MaskedKernelMixin:
             autocast=False,
         )
 
+    def ensure_grow_momentum(self) -> keras.Variable:
+        """The layer's moving average of dense gradients (SNFS), created on first use.
+
+        It lives with the layer, not the callback, so that checkpoints,
+        `BackupAndRestore` and `.keras` files carry it.
+        """
+        if self.grow_momentum is None:
+            locked = self._tracker.locked
+            self._tracker.unlock()
+            try:
+                self.grow_momentum = self.add_weight(
+                    name="grow_momentum",
+                    shape=tuple(self._kernel.shape),
+                    initializer="zeros",
+                    trainable=False,
+                    dtype="float32",
+                    autocast=False,
+                )
+            finally:
+                if locked:
+                    self._tracker.lock()
+        return self.grow_momentum
+
     def _saved_variables(self) -> list:
         variables = [self._kernel]
         if getattr(self, "bias", None) is not None:
             variables.append(self.bias)
         variables.append(self.mask)
+        if self.grow_momentum is not None:
+            variables.append(self.grow_momentum)
         return variables
 
     def save_own_variables(self, store):
@@ -103,10 +129,14 @@ class MaskedKernelMixin:
         if not self.built:
             return
         variables = self._saved_variables()
+        if len(store.keys()) == len(variables) + 1 and self.grow_momentum is None:
+            # Saved during SNFS training: recreate the momentum to load it.
+            self.ensure_grow_momentum()
+            variables = self._saved_variables()
         if len(store.keys()) != len(variables):
             raise ValueError(
                 f"Layer {self.name!r} ({type(self).__name__}) expected "
-                f"{len(variables)} variables (kernel, bias, mask) but the "
+                f"{len(variables)} variables (kernel, bias, mask[, grow_momentum]) but the "
                 f"saved file holds {len(store.keys())}. Was it saved from a "
                 "plain Keras layer? Use rigl_keras.sparsify on the loaded "
                 "dense model instead."

@@ -1,0 +1,589 @@
+"""The baselines of the RigL paper, each a small class over the shared engine.
+
+| method | initial mask | drop | grow | when |
+|---|---|---|---|---|
+| Static | random | — | — | never |
+| SNIP | top |g·w| of the dense net at step 0 | — | — | once |
+| SET | random | smallest |w| | random | every ΔT |
+| RigL | random | smallest |w| | largest |∂L/∂W| | every ΔT (`rigl_keras.RigLCallback`) |
+| SNFS | random | smallest |w| | largest |momentum of ∂L/∂W| | every ΔT |
+| Pruning | dense | smallest |w| | — | every `frequency` steps |
+| Small-Dense | dense, narrower | — | — | — |
+
+`get(name)` returns a `Method` that builds the model and callbacks of a
+method by name, for example scripts and sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import keras
+import numpy as np
+from keras import ops
+
+from rigl_keras import backend as gradients_backend
+from rigl_keras import distributions, engine, schedules
+from rigl_keras.callbacks import (
+    DynamicSparseCallback,
+    GrowData,
+    RigLCallback,
+    SparseTrainingCallback,
+)
+from rigl_keras.sparsify import sparsify
+
+__all__ = [
+    "StaticCallback",
+    "SETCallback",
+    "SNFSCallback",
+    "SNIPCallback",
+    "MagnitudePruningCallback",
+    "small_dense_width",
+    "Method",
+    "METHODS",
+    "get",
+]
+
+
+class StaticCallback(SparseTrainingCallback):
+    """Static sparse training: the random mask of `sparsify` never changes.
+
+    Masked layers already keep their connectivity without any callback (the
+    gradient outside the mask is zero); this callback only makes the choice
+    explicit, checks that the model is masked, and can audit invariants at
+    every epoch end.
+
+    Args:
+      seed: unused; accepted for a uniform interface.
+      check_invariants: check binary masks, unchanged counts and zeros
+        outside the mask at the end of every epoch.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.check_invariants:
+            from rigl_keras.audit import check_sparsity
+
+            check_sparsity(self.model, self._counts)
+
+
+class SETCallback(DynamicSparseCallback):
+    """SET (Mocanu et al. 2018): drop the smallest |w|, grow uniformly at random.
+
+    Random draws are keyed to the seed, the update step and the layer, so
+    the same seed gives the same run, and a resumed run continues it.
+
+    Args:
+      delta_t: steps between updates (ΔT), >= 1.
+      alpha: initial update fraction, in (0, 1].
+      end_step: last update step (exclusive): an int, or a float in (0, 1]
+        giving a fraction of the fit's total steps.
+      decay: "cosine" or "constant".
+      seed: seed of the random growth.
+      begin_step: first step at which updates may happen.
+      check_invariants: audit invariants after every update.
+
+    Raises:
+      ValueError: for an argument out of range.
+    """
+
+    def __init__(self, delta_t=100, alpha=0.3, end_step=0.75, decay="cosine", seed=0,
+                 *, begin_step=0, check_invariants=False):
+        super().__init__(delta_t, alpha, end_step, decay, begin_step=begin_step,
+                         seed=seed, check_invariants=check_invariants)
+
+    def grow_scores(self, step):
+        return [
+            keras.random.uniform(tuple(layer.mask.shape), seed=self.layer_seed(step, i))
+            for i, layer in enumerate(self.masked_layers)
+        ]
+
+
+class SNFSCallback(RigLCallback):
+    """SNFS (Dettmers & Zettlemoyer 2019): grow where the momentum of dense gradients is largest.
+
+    After every optimizer step the dense gradient of each masked kernel (on a
+    batch from `grow_data`) updates an exponential moving average
+    m ← β·m + (1 − β)·g, stored in the layer (`grow_momentum`) so that
+    checkpoints carry it. Every ΔT steps the smallest-|w| connections are
+    dropped and the same number grown where |m| is largest. This dense
+    gradient at every step is SNFS's real extra cost (2·f_S + f_D per step).
+
+    With `redistribute=True`, the connections dropped in all layers are
+    regrown across layers in proportion to each layer's mean |m| over its
+    active weights (as SNFS does), capped by each layer's free positions; the
+    total count stays exact, per-layer counts move.
+
+    Args:
+      delta_t: steps between updates (ΔT), >= 1.
+      alpha: initial update fraction, in (0, 1].
+      end_step: last update step (exclusive): an int, or a float in (0, 1].
+      decay: "cosine" or "constant".
+      momentum: β in [0, 1).
+      grow_data: training data for the dense gradients (see `RigLCallback`).
+      redistribute: move the budget between layers by mean momentum.
+      seed: seed of the batch draws.
+      grow_batch_size: rows drawn per step from an array tuple.
+      begin_step: first step at which updates may happen.
+      check_invariants: audit invariants after every update.
+
+    Raises:
+      ValueError: for an argument out of range or no `grow_data` at train begin.
+    """
+
+    def __init__(self, delta_t=100, alpha=0.3, end_step=0.75, decay="cosine",
+                 momentum=0.9, grow_data=None, redistribute=False, seed=0, *,
+                 grow_batch_size=128, begin_step=0, check_invariants=False):
+        super().__init__(delta_t, alpha, end_step, decay, grow_data, seed,
+                         grow_batch_size=grow_batch_size, begin_step=begin_step,
+                         check_invariants=check_invariants)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
+        self.momentum = float(momentum)
+        self.redistribute = bool(redistribute)
+        self.keeps_counts = not self.redistribute
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, redistribute=self.redistribute)
+        return config
+
+    def setup(self):
+        super().setup()
+        with gradients_backend.creation_scope(self.model):
+            for layer in self.masked_layers:
+                layer.ensure_grow_momentum()
+
+    def after_step(self, previous, step, logs):
+        grads = self._gradients(self.grow_data.batch(step))
+        beta = self.momentum
+        for layer, grad in zip(self.masked_layers, grads):
+            m = layer.grow_momentum
+            m.assign(beta * m + (1.0 - beta) * ops.cast(grad, m.dtype))
+        super().after_step(previous, step, logs)
+
+    def grow_scores(self, step):
+        return [ops.abs(layer.grow_momentum) for layer in self.masked_layers]
+
+    def update(self, step, logs=None):
+        if not self.redistribute:
+            return super().update(step, logs)
+        end = self._end if self._end is not None else self.schedule.end(self.total_steps)
+        fraction = self.schedule.drop_fraction(step, end)
+        layers = self.masked_layers
+        scores = self.grow_scores(step)
+        usable = [engine.scores_are_finite(l, s) for l, s in zip(layers, scores)]
+        active = [engine.active_connections(l) for l in layers]
+        drops = [int(fraction * a) if ok else 0 for a, ok in zip(active, usable)]
+        sizes = [int(np.prod(l.mask.shape)) for l in layers]
+        capacity = [(n - (a - d)) if ok else 0 for n, a, d, ok in zip(sizes, active, drops, usable)]
+        weights = []
+        for layer, score, ok in zip(layers, scores, usable):
+            on = ops.not_equal(layer.mask, 0)
+            mean = ops.sum(ops.where(on, score, 0)) / ops.maximum(ops.sum(ops.cast(on, "float32")), 1.0)
+            weights.append(float(mean) if ok else 0.0)
+        grows = _allocate(sum(drops), weights, capacity)
+        results = [
+            engine.drop_grow(l, d, s, self.optimizer_slots(l), n_grow=g)
+            if ok else engine.UpdateResult(l.name, a, 0, skipped=True)
+            for l, s, d, g, ok, a in zip(layers, scores, drops, grows, usable, active)
+        ]
+        self.record(logs if logs is not None else {}, fraction, results)
+        return results
+
+
+def _allocate(total: int, weights, capacity) -> list[int]:
+    """Splits `total` into integers ∝ `weights`, each <= its capacity, summing to `total`.
+
+    Largest-remainder rounding; what a full layer cannot take goes to the
+    others by the same rule.
+    """
+    counts = [0] * len(weights)
+    remaining = total
+    open_ = [i for i, c in enumerate(capacity) if c > 0]
+    while remaining > 0 and open_:
+        w = np.array([max(weights[i], 0.0) for i in open_], dtype="float64")
+        w = w / w.sum() if w.sum() > 0 else np.full(len(open_), 1.0 / len(open_))
+        share = w * remaining
+        base = np.floor(share).astype(int)
+        leftover = remaining - int(base.sum())
+        for j in np.argsort(-(share - base), kind="stable")[:leftover]:
+            base[j] += 1
+        for j, i in enumerate(open_):
+            take = min(int(base[j]), capacity[i] - counts[i])
+            counts[i] += take
+            remaining -= take
+        open_ = [i for i in open_ if counts[i] < capacity[i]]
+    if remaining:
+        raise ValueError("Not enough free positions to regrow the dropped connections.")
+    return counts
+
+
+class SNIPCallback(SparseTrainingCallback):
+    """SNIP (Lee et al. 2019): one-shot pruning at initialization by |g·w|.
+
+    At the start of training (optimizer step 0 only; a resumed run keeps its
+    mask), every masked layer is made dense again (weights that `sparsify`
+    zeroed are re-drawn from the layer's kernel initializer), the connection
+    sensitivity |∂L/∂W · W| of the dense network is computed on one batch of
+    `grow_data`, and each layer keeps exactly its top (1 − s_l)·N_l
+    connections, s_l from the distribution. The mask is fixed afterwards.
+
+    Args:
+      sparsity: overall sparsity S in [0, 1).
+      distribution: "uniform", "er" or "erk".
+      grow_data: training data for the sensitivity batch (see `RigLCallback`).
+      custom_sparsity: {layer name: sparsity} overrides.
+      dense_layers: names of layers to keep dense.
+      seed: seed of the re-drawn weights and the batch draw.
+      grow_batch_size: rows drawn from an array tuple.
+      erk_power_scale: exponent of the ER/ERK scale.
+      check_invariants: audit invariants after the pruning.
+
+    Raises:
+      ValueError: for a bad sparsity or distribution, or (at train begin) no
+        `grow_data` or a name that is not a masked layer.
+    """
+
+    keeps_counts = False
+
+    def __init__(self, sparsity, distribution="erk", grow_data=None, *, custom_sparsity=None,
+                 dense_layers=None, seed=0, grow_batch_size=128, erk_power_scale=1.0,
+                 check_invariants=False):
+        super().__init__(seed=seed, check_invariants=check_invariants)
+        self.sparsity = distributions.validate_sparsity(sparsity)
+        if not isinstance(distribution, str) or distribution.lower() not in distributions.DISTRIBUTIONS:
+            raise ValueError(
+                f"`distribution` must be one of {distributions.DISTRIBUTIONS}; got {distribution!r}."
+            )
+        self.distribution = distribution.lower()
+        self.custom_sparsity = dict(custom_sparsity or {})
+        self.dense_layers = list(dense_layers or [])
+        self.erk_power_scale = erk_power_scale
+        self.grow_batch_size = grow_batch_size
+        self.grow_data = None if grow_data is None else GrowData(grow_data, grow_batch_size, seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            sparsity=self.sparsity, distribution=self.distribution,
+            custom_sparsity=self.custom_sparsity, dense_layers=self.dense_layers,
+            grow_batch_size=self.grow_batch_size, erk_power_scale=self.erk_power_scale,
+        )
+        return config
+
+    def on_train_begin(self, logs=None):
+        if self.grow_data is None:
+            raise ValueError(
+                "SNIPCallback needs `grow_data` (e.g. grow_data=(x_train, y_train)) "
+                "to compute connection sensitivities."
+            )
+        super().on_train_begin(logs)
+
+    def setup(self):
+        model = self.model
+        sparsities = distributions.sparsity_distribution(
+            model, self.sparsity, self.distribution, custom_sparsity=self.custom_sparsity,
+            dense_layers=self.dense_layers, erk_power_scale=self.erk_power_scale,
+        )
+        if int(model.optimizer.iterations) != 0:
+            return  # resumed: the mask was chosen at step 0 and is restored
+        self.prune_at_initialization(sparsities)
+
+    def prune_at_initialization(self, sparsities: Mapping[str, float]) -> None:
+        """Re-densifies the masked layers and keeps each layer's top |g·w|."""
+        layers = self.masked_layers
+        for index, layer in enumerate(layers):
+            initializer = keras.initializers.get(layer.kernel_initializer)
+            if hasattr(initializer, "seed"):
+                initializer = initializer.__class__.from_config(
+                    {**initializer.get_config(), "seed": self.layer_seed(0, index)}
+                )
+            fresh = initializer(tuple(layer.raw_kernel.shape), dtype=layer.raw_kernel.dtype)
+            on = ops.not_equal(layer.mask, 0)
+            layer.raw_kernel.assign(ops.where(on, layer.raw_kernel, fresh))
+            layer.mask.assign(ops.ones_like(layer.mask))
+        grads = gradients_backend.dense_kernel_gradients(
+            self.model, layers, self.grow_data.batch(0)
+        )
+        results = []
+        for layer, grad in zip(layers, grads):
+            sensitivity = ops.abs(ops.multiply(grad, layer.raw_kernel))
+            n_keep = distributions.active_count(int(np.prod(layer.mask.shape)), sparsities[layer.name])
+            results.append(engine.prune(layer, n_keep, self.optimizer_slots(layer), score=sensitivity))
+        self.record({}, 0.0, results)
+
+
+class MagnitudePruningCallback(SparseTrainingCallback):
+    """Gradual magnitude pruning (Zhu & Gupta 2018): dense to sparse.
+
+    Every `frequency` steps in [begin_step, end_step], each masked layer keeps
+    its round((1 − s_t)·N) largest-|w| connections, with
+    s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(t_e − t_0))^exponent. Masks only
+    shrink; at `end_step` every layer is exactly at its final sparsity.
+    Start from a dense mask (`sparsify(model, 0.0)`).
+
+    Args:
+      final_sparsity: s_f, a float in [0, 1) for every layer, a
+        {layer name: sparsity} map (e.g. from `sparsity_distribution`), or a
+        tfmot `PolynomialDecay`/`ConstantSparsity` schedule (then the other
+        schedule arguments are taken from it).
+      begin_step: t_0, an int step or a float fraction of the fit's steps.
+      end_step: t_e, an int step or a float fraction of the fit's steps.
+      frequency: steps between pruning events, >= 1.
+      initial_sparsity: s_i.
+      exponent: the polynomial's exponent (3 in the paper).
+      check_invariants: audit invariants after every pruning step.
+
+    Raises:
+      ValueError: for an argument out of range, or (at train begin) a layer
+        map naming layers that are not masked.
+    """
+
+    keeps_counts = False
+    fraction_key = "target_sparsity"
+
+    def __init__(self, final_sparsity=None, begin_step=0, end_step=0.75, frequency=100,
+                 initial_sparsity=0.0, exponent=3, *, check_invariants=False):
+        super().__init__(seed=0, check_invariants=check_invariants)
+        tfmot_args = _from_tfmot_schedule(final_sparsity)
+        if tfmot_args is not None:
+            final_sparsity = tfmot_args.pop("final_sparsity")
+            begin_step, end_step = tfmot_args["begin_step"], tfmot_args["end_step"]
+            frequency, initial_sparsity = tfmot_args["frequency"], tfmot_args["initial_sparsity"]
+            exponent = tfmot_args["exponent"]
+        if isinstance(final_sparsity, Mapping):
+            for name, value in final_sparsity.items():
+                distributions.validate_sparsity(value, f"final_sparsity[{name!r}]")
+            self.final_sparsity = dict(final_sparsity)
+        else:
+            self.final_sparsity = distributions.validate_sparsity(final_sparsity, "final_sparsity")
+        for name, value in (("begin_step", begin_step), ("end_step", end_step)):
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` as a fraction must be in [0, 1]; got {value!r}.")
+        self.begin_step, self.end_step = begin_step, end_step
+        self.frequency, self.initial_sparsity, self.exponent = frequency, initial_sparsity, exponent
+        # Validate now what does not depend on the fit's length: steps as
+        # given when both are ints, every other argument on a stand-in ramp.
+        both_ints = not isinstance(begin_step, float) and not isinstance(end_step, float)
+        finals = (self.final_sparsity.values() if isinstance(self.final_sparsity, Mapping)
+                  else [self.final_sparsity])
+        for final in finals:
+            self._schedule_for(begin_step if both_ints else 0, end_step if both_ints else 1, final)
+        self._schedules: dict[str, schedules.PolynomialSchedule] = {}
+
+    def _schedule_for(self, begin, end, final):
+        # A layer whose final sparsity is below the common initial one starts there.
+        initial = self.initial_sparsity
+        if isinstance(initial, (int, float)) and not isinstance(initial, bool):
+            initial = min(initial, final)
+        return schedules.PolynomialSchedule(
+            final_sparsity=final, begin_step=begin, end_step=end, frequency=self.frequency,
+            initial_sparsity=initial, exponent=self.exponent,
+        )
+
+    def get_config(self):
+        return {
+            "final_sparsity": self.final_sparsity, "begin_step": self.begin_step,
+            "end_step": self.end_step, "frequency": self.frequency,
+            "initial_sparsity": self.initial_sparsity, "exponent": self.exponent,
+            "check_invariants": self.check_invariants,
+        }
+
+    def setup(self):
+        total = self.total_steps
+        begin = schedules.resolve_step(self.begin_step, total, "begin_step")
+        end = schedules.resolve_step(self.end_step, total, "end_step")
+        names = [layer.name for layer in self.masked_layers]
+        if isinstance(self.final_sparsity, Mapping):
+            unknown = sorted(set(self.final_sparsity) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"`final_sparsity` names layers that are not masked: {unknown}. "
+                    f"Masked layers: {names}."
+                )
+            finals = {n: float(self.final_sparsity.get(n, 0.0)) for n in names}
+        else:
+            finals = {n: self.final_sparsity for n in names}
+        self._schedules = {n: self._schedule_for(begin, end, finals[n]) for n in names}
+
+    def sparsity_at(self, step: int) -> dict[str, float]:
+        """Target sparsity of every masked layer at `step` (after train begin)."""
+        return {name: s.sparsity(step) for name, s in self._schedules.items()}
+
+    def after_step(self, previous, step, logs):
+        schedule = next(iter(self._schedules.values()))
+        due = [t for t in range(previous + 1, step + 1) if schedule.is_prune_step(t)]
+        if not due:
+            return
+        self.prune(due[-1], logs)
+
+    def prune(self, step: int, logs: dict | None = None) -> list:
+        """Prunes every masked layer to its target sparsity at `step`."""
+        results = []
+        for layer in self.masked_layers:
+            target = self._schedules[layer.name].sparsity(step)
+            n_keep = distributions.active_count(int(np.prod(layer.mask.shape)), target)
+            results.append(engine.prune(layer, n_keep, self.optimizer_slots(layer)))
+        # Logged: the overall target sparsity of the masked kernels.
+        sizes = {l.name: int(np.prod(l.mask.shape)) for l in self.masked_layers}
+        target = sum(self._schedules[n].sparsity(step) * sizes[n] for n in sizes) / sum(sizes.values())
+        self.record(logs if logs is not None else {}, target, results)
+        return results
+
+
+def _from_tfmot_schedule(schedule):
+    """Schedule arguments from a tfmot PruningSchedule, without importing tfmot."""
+    if schedule is None or isinstance(schedule, (int, float, Mapping)):
+        return None
+    kind = type(schedule).__name__
+    if not hasattr(schedule, "get_config") or kind not in ("PolynomialDecay", "ConstantSparsity"):
+        raise ValueError(
+            "`final_sparsity` must be a float, a {layer: sparsity} map or a tfmot "
+            f"PolynomialDecay/ConstantSparsity schedule; got {kind}."
+        )
+    config = schedule.get_config()["config"]
+    end = config["end_step"]
+    if end == -1:
+        end = 2**62  # tfmot: prune forever
+    if kind == "ConstantSparsity":
+        target = float(config["target_sparsity"])
+        return dict(final_sparsity=target, initial_sparsity=target, begin_step=config["begin_step"],
+                    end_step=end, frequency=config["frequency"], exponent=1)
+    return dict(final_sparsity=float(config["final_sparsity"]),
+                initial_sparsity=float(config["initial_sparsity"]),
+                begin_step=config["begin_step"], end_step=end,
+                frequency=config["frequency"], exponent=config["power"])
+
+
+def small_dense_width(build_fn: Callable[[float], keras.Model], sparsity: float) -> float:
+    """The width multiplier giving a dense model the parameters of the sparse one.
+
+    The sparse model is `build_fn(1.0)` with its maskable kernels at overall
+    sparsity `sparsity` (every other parameter kept); the multiplier w is the
+    one for which `build_fn(w).count_params()` is closest to that count
+    (paper's Small-Dense rows).
+
+    Args:
+      build_fn: width multiplier -> built dense Keras model; widths should be
+        rounded inside, e.g. `max(1, round(300 * w))`.
+      sparsity: overall sparsity S in [0, 1).
+
+    Returns:
+      The multiplier w in (0, 1].
+
+    Raises:
+      ValueError: for a sparsity outside [0, 1).
+    """
+    from rigl_keras.layers import kernel_of, maskable_layers
+
+    sparsity = distributions.validate_sparsity(sparsity)
+    reference = build_fn(1.0)
+    kernels = sum(int(np.prod(kernel_of(l).shape)) for l in maskable_layers(reference))
+    target = reference.count_params() - kernels + (1.0 - sparsity) * kernels
+    low, high = 1e-4, 1.0
+    for _ in range(40):  # parameter count grows with width: bisect
+        middle = (low + high) / 2
+        if build_fn(middle).count_params() < target:
+            low = middle
+        else:
+            high = middle
+    return min((low, high), key=lambda w: abs(build_fn(w).count_params() - target))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A training method by name: how to build its model and callbacks.
+
+    Attributes:
+      name: one of `METHODS`.
+      needs_grow_data: whether the method needs `grow_data` (gradients).
+    """
+
+    name: str
+    needs_grow_data: bool = False
+
+    def build(
+        self,
+        build_fn: Callable[[float], keras.Model],
+        sparsity: float,
+        *,
+        distribution: str = "erk",
+        seed: int = 0,
+        delta_t: int = 100,
+        alpha: float = 0.3,
+        end_step: int | float = 0.75,
+        decay: str = "cosine",
+        grow_data=None,
+        prune_begin_step: int | float = 0.0,
+        prune_end_step: int | float = 0.75,
+        prune_frequency: int = 100,
+    ) -> tuple[keras.Model, list[keras.callbacks.Callback]]:
+        """The (uncompiled) model and the callbacks of this method.
+
+        Args:
+          build_fn: width multiplier -> built dense Keras model.
+          sparsity: overall sparsity S in [0, 1).
+          distribution: "uniform", "er" or "erk".
+          seed: seed of masks and of the method's randomness.
+          delta_t, alpha, end_step, decay: the drop/grow schedule.
+          grow_data: training data for gradient-based methods.
+          prune_begin_step, prune_end_step, prune_frequency: the pruning
+            schedule (int steps or float fractions of the fit).
+
+        Returns:
+          (model, callbacks).
+
+        Raises:
+          ValueError: for bad arguments, or missing `grow_data` for a method
+            that needs it.
+        """
+        sparsity = distributions.validate_sparsity(sparsity)
+        if self.needs_grow_data and grow_data is None:
+            raise ValueError(f"Method {self.name!r} needs `grow_data`.")
+        schedule = dict(delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay, seed=seed)
+        if self.name == "dense":
+            return build_fn(1.0), []
+        if self.name == "small_dense":
+            return build_fn(small_dense_width(build_fn, sparsity)), []
+        dense = build_fn(1.0)
+        if self.name == "prune":
+            finals = distributions.sparsity_distribution(dense, sparsity, distribution)
+            model = sparsify(dense, 0.0, "uniform", seed=seed)
+            return model, [MagnitudePruningCallback(
+                finals, prune_begin_step, prune_end_step, prune_frequency)]
+        model = sparsify(dense, sparsity, distribution, seed=seed)
+        if self.name == "static":
+            return model, [StaticCallback()]
+        if self.name == "snip":
+            return model, [SNIPCallback(sparsity, distribution, grow_data, seed=seed)]
+        if self.name == "set":
+            return model, [SETCallback(**schedule)]
+        if self.name == "snfs":
+            return model, [SNFSCallback(grow_data=grow_data, **schedule)]
+        return model, [RigLCallback(grow_data=grow_data, **schedule)]
+
+
+#: Method names accepted by `get`.
+METHODS = ("dense", "static", "snip", "set", "snfs", "rigl", "prune", "small_dense")
+_NEEDS_DATA = {"snip", "snfs", "rigl"}
+
+
+def get(name: str) -> Method:
+    """The `Method` called `name` (case-insensitive).
+
+    Args:
+      name: one of `METHODS`.
+
+    Returns:
+      A `Method`.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    key = str(name).lower().replace("-", "_")
+    if key not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose one of {METHODS}.")
+    return Method(key, key in _NEEDS_DATA)
