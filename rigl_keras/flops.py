@@ -319,7 +319,7 @@ def inference_flops(model, sparsities: Mapping[str, float] | None = None) -> Flo
         if sparsities is not None:
             active = distributions.active_count(size, float(sparsities.get(layer.name, 0.0)))
         elif masked_layers.is_masked(layer):
-            active = int(np.count_nonzero(np.asarray(layer.mask)))
+            active = int(np.count_nonzero(layer.mask.numpy()))
         else:
             active = size
         shapes = _output_shapes(layer)
@@ -831,9 +831,11 @@ def plot_layer_sparsity(
     axes.set_xlabel("layer")
     axes.grid(axis="y", alpha=0.3)
     if title:
-        axes.set_title(title)
+        axes.set_title(title, loc="left")
     if len(series) > 1 or overall is not None:
-        axes.legend(loc="lower right", fontsize=8)
+        # Above the axes, right of the title, so no bar is hidden.
+        axes.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(series) + 1,
+                    fontsize=8, frameon=False)
     figure.tight_layout()
     if path is not None:
         figure.savefig(path, dpi=120)

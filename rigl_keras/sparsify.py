@@ -45,16 +45,26 @@ def _clone(model, clone_function):
         ) from error
 
 
-def _copy_unmasked_weights(old_layers, new_layers):
-    for old, new in zip(old_layers, new_layers):
-        if not (masked_layers.is_maskable(old) or masked_layers.is_masked(new)):
-            if old.weights:
-                new.set_weights(old.get_weights())
+def _own_variables(layer) -> list:
+    # Only the layer's own variables: a nested model's weights belong to its
+    # sublayers, which are visited (and copied) on their own.
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def _copy_own_variables(old, new) -> None:
+    for source, target in zip(_own_variables(old), _own_variables(new)):
+        target.assign(source)
 
 
 def _paired_layers(old_model, new_model):
-    old = list(masked_layers.iter_layers(old_model))
-    new = list(masked_layers.iter_layers(new_model))
+    # Input layers hold no weights, and cloning renames them.
+    def weighted(model):
+        return [
+            layer for layer in masked_layers.iter_layers(model)
+            if not isinstance(layer, keras.layers.InputLayer)
+        ]
+
+    old, new = weighted(old_model), weighted(new_model)
     if [l.name for l in old] != [l.name for l in new]:
         raise RuntimeError("Internal error: the cloned model's layers do not line up.")
     return old, new
@@ -113,9 +123,9 @@ def sparsify(
 
     new_model = _clone(model, to_masked)
     old_layers, new_layers = _paired_layers(model, new_model)
-    _copy_unmasked_weights(old_layers, new_layers)
     for index, (old, new) in enumerate(zip(old_layers, new_layers)):
         if not masked_layers.is_masked(new):
+            _copy_own_variables(old, new)
             continue
         kernel = keras.ops.convert_to_numpy(old.kernel)
         n_active = distributions.active_count(kernel.size, sparsities[new.name])
@@ -156,8 +166,8 @@ def strip_masks(model: keras.Model) -> keras.Model:
             new.kernel.assign(keras.ops.convert_to_numpy(old.kernel))
             if old.bias is not None:
                 new.bias.assign(old.bias)
-        elif old.weights:
-            new.set_weights(old.get_weights())
+        else:
+            _copy_own_variables(old, new)
     return new_model
 
 

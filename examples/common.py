@@ -1,0 +1,343 @@
+"""Shared pieces of the example scripts: flags, method set-up, FLOPs, results.
+
+Each script keeps its flags in a `define_flags(flag_values)` function that is
+called only when the script runs as a program, so every script (and the
+sweep in reproduce.py, and the tests) can import the others and call their
+`run(config)` functions in-process without absl's duplicate-flag errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+
+__all__ = [
+    "add_repo_to_path",
+    "define_method_flags",
+    "config_from_flags",
+    "parse_list",
+    "set_seed",
+    "build_method",
+    "StopAtStep",
+    "measured_sparsity",
+    "flops_ratios",
+    "first_layer_connectivity",
+    "write_results",
+    "read_results",
+    "format_results",
+    "pruning_schedule_for",
+    "steps_for",
+    "fit_epochs",
+    "Timer",
+    "RESULT_KEYS",
+]
+
+#: Keys every results.json holds (others may be added by a script).
+RESULT_KEYS = (
+    "script", "method", "sparsity", "distribution", "seed", "multiplier", "epochs",
+    "steps", "test_accuracy", "test_loss", "measured_sparsity", "active_params",
+    "dense_params", "inference_flops_ratio", "training_flops_ratio", "wall_time_s",
+    "data_source",
+)
+
+
+def add_repo_to_path() -> None:
+    """Makes `rigl_keras` and `examples` importable when run as `python examples/x.py`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def define_method_flags(flag_values, **defaults) -> None:
+    """Defines the flags every example shares (method and sparse-training schedule).
+
+    Args:
+      flag_values: the absl `FlagValues` to define them in.
+      **defaults: per-script defaults overriding the ones below.
+    """
+    from absl import flags
+
+    from rigl_keras import baselines
+
+    d = dict(
+        method="rigl", sparsity=0.9, distribution="erk", delta_t=100, alpha=0.3,
+        decay="cosine", multiplier=1.0, seed=0, output_dir=None,
+    )
+    d.update(defaults)
+    flags.DEFINE_enum("method", d["method"], baselines.METHODS,
+                      "Training method.", flag_values=flag_values)
+    flags.DEFINE_float("sparsity", d["sparsity"],
+                       "Overall sparsity S of the masked kernels (ignored by dense).",
+                       flag_values=flag_values)
+    flags.DEFINE_enum("distribution", d["distribution"], ["uniform", "er", "erk"],
+                      "Per-layer sparsity distribution (uniform keeps the first layer "
+                      "dense).", flag_values=flag_values)
+    flags.DEFINE_integer("delta_t", d["delta_t"], "Steps between connectivity updates (ΔT).",
+                         flag_values=flag_values)
+    flags.DEFINE_float("alpha", d["alpha"], "Initial drop/grow fraction α.",
+                       flag_values=flag_values)
+    flags.DEFINE_enum("decay", d["decay"], ["cosine", "constant"],
+                      "Decay of the drop fraction.", flag_values=flag_values)
+    flags.DEFINE_float("multiplier", d["multiplier"],
+                       "Training multiplier M: scales the training steps, the "
+                       "learning-rate schedule and every connectivity schedule.",
+                       flag_values=flag_values)
+    flags.DEFINE_integer("seed", d["seed"], "Random seed (weights, masks, data order).",
+                         flag_values=flag_values)
+    flags.DEFINE_string("output_dir", d["output_dir"],
+                        "Directory for results.json (nothing is written if unset).",
+                        flag_values=flag_values)
+
+
+def config_from_flags(config_class, flag_values):
+    """An instance of the dataclass `config_class` with every field named by a flag set from it."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    values = {name: flag_values[name].value for name in names if name in flag_values}
+    return config_class(**values)
+
+
+def parse_list(text: str, kind=float) -> list:
+    """'0.8,0.9' -> [0.8, 0.9]; empty items are skipped."""
+    return [kind(item) for item in str(text).split(",") if item.strip()]
+
+
+def set_seed(seed: int) -> None:
+    """Seeds Python, numpy and the backend for reproducible weights and data order."""
+    keras.utils.set_random_seed(int(seed))
+
+
+def build_method(config, build_fn, *, grow_data, end_step, prune_begin_step,
+                 prune_end_step, prune_frequency):
+    """The uncompiled model and callbacks of `config.method` (see `rigl_keras.baselines`).
+
+    Args:
+      config: an example config with method, sparsity, distribution, seed,
+        delta_t, alpha and decay.
+      build_fn: width multiplier -> built dense model.
+      grow_data: training batches for gradient-based methods.
+      end_step: T_end (int step or fraction of the fit).
+      prune_begin_step, prune_end_step, prune_frequency: the pruning schedule.
+
+    Returns:
+      (model, callbacks, method).
+    """
+    from rigl_keras import baselines
+
+    method = baselines.get(config.method)
+    model, callbacks = method.build(
+        build_fn,
+        config.sparsity,
+        distribution=config.distribution,
+        seed=config.seed,
+        delta_t=config.delta_t,
+        alpha=config.alpha,
+        end_step=end_step,
+        decay=config.decay,
+        grow_data=grow_data if method.needs_grow_data else None,
+        prune_begin_step=prune_begin_step,
+        prune_end_step=prune_end_step,
+        prune_frequency=prune_frequency,
+    )
+    return model, callbacks, method
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Stops `fit` once the optimizer has taken `total_steps` steps.
+
+    Lets a run end mid-epoch, so a training length that is not a whole number
+    of epochs (e.g. 97.6k CIFAR steps, or epochs × a fractional M) is exact.
+    """
+
+    def __init__(self, total_steps: int):
+        super().__init__()
+        self.total_steps = int(total_steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) >= self.total_steps:
+            self.model.stop_training = True
+
+
+def _kernel_counts(model) -> tuple[int, int]:
+    from rigl_keras import sparsity_report
+
+    report = sparsity_report(model)
+    return report.active, report.total
+
+
+def measured_sparsity(model, dense_model=None) -> tuple[float, int, int]:
+    """Sparsity of the trained model's kernels relative to the dense model.
+
+    1 − (active kernel weights) / (kernel weights of the dense model), from
+    `rigl_keras.sparsity_report`. For masked models the two totals agree; for
+    Small-Dense this compares the narrow model with the full-width one.
+
+    Returns:
+      (sparsity, active kernel weights, dense kernel weights).
+    """
+    active, total = _kernel_counts(model)
+    if dense_model is not None:
+        total = _kernel_counts(dense_model)[1]
+    return 1.0 - active / total, active, total
+
+
+def flops_ratios(model, method, *, delta_t=100, multiplier=1.0, dense_model=None,
+                 pruning_schedule=None, total_steps=None) -> dict:
+    """Inference and training FLOPs of a trained model relative to the dense model.
+
+    A thin adapter over `rigl_keras.flops` (paper Appendix A). Sparse models
+    are counted from their masks; Small-Dense from its own (narrow) layers
+    against `dense_model`. Training FLOPs are per step, times M, relative to
+    dense training with M = 1.
+
+    Args:
+      model: the trained model (masked, or dense for dense / small_dense).
+      method: one of `rigl_keras.baselines.METHODS`.
+      delta_t: ΔT of RigL.
+      multiplier: the training multiplier M.
+      dense_model: the full-width dense model (required for small_dense).
+      pruning_schedule: for prune, a `schedules.PolynomialSchedule` with the
+        run's begin/end/frequency in steps (its final sparsity is unused).
+      total_steps: for prune, the run's number of training steps.
+
+    Returns:
+      {"inference_flops_ratio", "training_flops_ratio", "inference_flops",
+      "dense_inference_flops"}.
+    """
+    from rigl_keras import flops
+
+    report = flops.inference_flops(model)
+    if method == "small_dense":
+        if dense_model is None:
+            raise ValueError("small_dense needs `dense_model` to compare with.")
+        f_dense = flops.inference_flops(dense_model).dense_flops
+        f_model = report.dense_flops
+    else:
+        f_dense = report.dense_flops
+        f_model = report.flops
+    prune_args = {}
+    if method == "prune":
+        prune_args = dict(pruning_schedule=pruning_schedule, total_steps=total_steps)
+    training = flops.training_flops_ratio(
+        method, f_model, f_dense, delta_t=int(delta_t), multiplier=float(multiplier),
+        **prune_args,
+    )
+    inference = float(f_dense if method == "dense" else f_model)
+    return {
+        "inference_flops_ratio": inference / f_dense,
+        "training_flops_ratio": float(training),
+        "inference_flops": inference,
+        "dense_inference_flops": float(f_dense),
+    }
+
+
+def pruning_schedule_for(method, begin, end, frequency):
+    """The `PolynomialSchedule` shape of a prune run (None for other methods)."""
+    from rigl_keras import schedules
+
+    if method != "prune":
+        return None
+    return schedules.PolynomialSchedule(
+        final_sparsity=0.5, begin_step=int(begin), end_step=max(int(end), int(begin) + 1),
+        frequency=max(1, int(frequency)),
+    )
+
+
+def first_layer_connectivity(model) -> np.ndarray | None:
+    """Active connections per input feature of the first masked Dense layer.
+
+    For an MLP on flattened images this is the number of first-layer weights
+    that read each pixel (reshape to the image to get a heatmap). None if the
+    first layer with a kernel is not a Dense layer.
+    """
+    from rigl_keras import layers as masked_layers
+
+    for layer in masked_layers.iter_layers(model):
+        if not (masked_layers.is_maskable(layer) and layer.built):
+            continue
+        if not isinstance(layer, keras.layers.Dense):
+            return None
+        if masked_layers.is_masked(layer):
+            mask = keras.ops.convert_to_numpy(layer.mask) != 0
+        else:
+            mask = np.ones(tuple(layer.kernel.shape), dtype=bool)
+        return mask.sum(axis=1).astype("int32")
+    return None
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_results(output_dir: str | None, results: dict) -> str | None:
+    """Writes `results` to output_dir/results.json (atomically); returns the path."""
+    if not output_dir:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "results.json")
+    # Write-then-rename: a sweep killed mid-write never leaves a half file
+    # that a resumed sweep would take for a finished run.
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(path: str) -> dict | None:
+    """The dict in a results.json, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def format_results(results: dict) -> str:
+    """A short human-readable summary of a results dict."""
+    lines = [
+        f"method               {results['method']}",
+        f"sparsity (target)    {results['sparsity']:g} ({results['distribution']})",
+        f"measured sparsity    {results['measured_sparsity']:.4f} "
+        f"({results['active_params']} / {results['dense_params']} kernel weights active)",
+        f"test accuracy        {results['test_accuracy']:.4f}",
+        f"inference FLOPs      {results['inference_flops_ratio']:.3f}x dense",
+        f"training FLOPs       {results['training_flops_ratio']:.3f}x dense (M = "
+        f"{results['multiplier']:g})",
+        f"steps                {results['steps']}",
+        f"wall time            {results['wall_time_s']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+class Timer:
+    """Wall-clock seconds since creation."""
+
+    def __init__(self):
+        self.start = time.time()
+
+    def __call__(self) -> float:
+        return time.time() - self.start
+
+
+def steps_for(epochs: float, multiplier: float, steps_per_epoch: int) -> int:
+    """round(epochs × M × steps per epoch), at least 1."""
+    return max(1, int(round(float(epochs) * float(multiplier) * steps_per_epoch)))
+
+
+def fit_epochs(total_steps: int, steps_per_epoch: int) -> int:
+    """Keras epochs of `steps_per_epoch` needed to cover `total_steps`."""
+    return max(1, math.ceil(total_steps / steps_per_epoch))
