@@ -208,6 +208,13 @@ def _normalize(images: np.ndarray) -> np.ndarray:
 
 def _load_fashion_mnist_tfds(tfds_data_dir: str | None) -> ArrayData | None:
     """Fashion-MNIST from TFDS if it is already prepared; None otherwise."""
+    # Look before importing TFDS: without a fashion_mnist folder there is
+    # nothing to load, and TFDS would only log warnings about it.
+    candidates = [tfds_data_dir] if tfds_data_dir else [
+        os.environ.get("TFDS_DATA_DIR"), os.path.expanduser("~/tensorflow_datasets")
+    ]
+    if not any(d and os.path.isdir(os.path.join(d, "fashion_mnist")) for d in candidates):
+        return None
     try:
         import tensorflow_datasets as tfds
     except ImportError:

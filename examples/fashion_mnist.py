@@ -226,6 +226,7 @@ def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -
         epochs=common.fit_epochs(total_steps, steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
         callbacks=callbacks + [common.StopAtStep(total_steps)],
+        shuffle=False,  # the dataset shuffles itself
         verbose=config.verbose,
     )
     test_loss, test_accuracy = model.evaluate(

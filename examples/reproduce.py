@@ -1,0 +1,536 @@
+r"""Sweeps methods × sparsities × seeds on Fashion-MNIST and summarizes them like the paper.
+
+For LeNet-300-100 (or the small ConvNet, --model=cnn) on Fashion-MNIST, trains
+every method at every sparsity with every seed, then writes to --output_dir:
+
+* results.csv: one row per run (all runs ever finished in this directory);
+* results.md: mean ± std test accuracy with training and inference FLOPs per
+  method and sparsity (the layout of the paper's Figure 2-left table);
+* accuracy_vs_sparsity.png (cf. Figure 2 bottom-right) and
+  accuracy_vs_training_flops.png;
+* with --plot_connectivity, connectivity.png: active first-layer connections
+  per input pixel before and after RigL training.
+
+The sweep is resumable: a run whose results are already in results.csv or in
+runs/<run>/results.json is not trained again, so an interrupted sweep picks
+up where it stopped. Each run prints one line with the time left.
+
+Dense is trained once per seed (its sparsity is 0) and shown in every column.
+
+A quick version (about 2 minutes on 2 CPU cores):
+
+    python examples/reproduce.py --methods=dense,static,set,rigl \
+        --sparsities=0.9,0.98 --seeds=1 --epochs=3 --output_dir=out/quick
+
+The full default sweep (8 methods, S ∈ {0.8, 0.9, 0.95, 0.98}, 3 seeds,
+10 epochs) is 87 runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+
+if __name__ == "__main__":  # `python examples/reproduce.py` from anywhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+from absl import app, flags
+
+from examples import common
+from examples import fashion_mnist
+
+__all__ = ["SweepConfig", "RunSpec", "plan", "sweep", "summarize", "define_flags"]
+
+ALL_METHODS = ("dense", "static", "snip", "set", "snfs", "rigl", "prune", "small_dense")
+METHOD_NAMES = {
+    "dense": "Dense", "static": "Static", "snip": "SNIP", "set": "SET", "snfs": "SNFS",
+    "rigl": "RigL", "prune": "Pruning", "small_dense": "Small-Dense",
+}
+MODEL_NAMES = {"mlp": "LeNet-300-100", "cnn": "small ConvNet"}
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """A sweep. Run-level hyperparameters are those of `fashion_mnist.Config`."""
+
+    methods: tuple[str, ...] = ALL_METHODS
+    sparsities: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98)
+    seeds: int = 3
+    model: str = "mlp"
+    epochs: float = 10.0
+    batch_size: int = 100
+    learning_rate: float = 0.2
+    lr_schedule: str = "cosine"
+    multiplier: float = 1.0
+    distribution: str = "erk"
+    delta_t: int = 100
+    alpha: float = 0.3
+    end_step: float = 0.75
+    output_dir: str = "out/reproduce"
+    data_dir: str | None = None
+    train_limit: int = 0
+    test_limit: int = 0
+    plot_connectivity: bool = False
+    verbose: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep."""
+
+    method: str
+    sparsity: float
+    seed: int
+
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+    """Defines this script's flags (only when it runs as a program)."""
+    d = SweepConfig()
+    fv = flag_values
+    flags.DEFINE_list("methods", list(d.methods), f"Methods to run, from {ALL_METHODS}.",
+                      flag_values=fv)
+    flags.DEFINE_list("sparsities", [str(s) for s in d.sparsities], "Sparsities S.",
+                      flag_values=fv)
+    flags.DEFINE_integer("seeds", d.seeds, "Number of seeds (0 .. seeds − 1).", flag_values=fv)
+    flags.DEFINE_enum("model", d.model, sorted(fashion_mnist.MODELS),
+                      "mlp: LeNet-300-100; cnn: the small ConvNet.", flag_values=fv)
+    flags.DEFINE_float("epochs", d.epochs, "Training epochs per run at M = 1.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", d.batch_size, "Batch size.", flag_values=fv)
+    flags.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.", flag_values=fv)
+    flags.DEFINE_enum("lr_schedule", d.lr_schedule, ["cosine", "step", "constant"],
+                      "Learning-rate schedule.", flag_values=fv)
+    flags.DEFINE_float("multiplier", d.multiplier,
+                       "Training multiplier M (steps, LR schedule and T_end).", flag_values=fv)
+    flags.DEFINE_enum("distribution", d.distribution, ["uniform", "er", "erk"],
+                      "Sparsity distribution.", flag_values=fv)
+    flags.DEFINE_integer("delta_t", d.delta_t, "ΔT.", flag_values=fv)
+    flags.DEFINE_float("alpha", d.alpha, "α.", flag_values=fv)
+    flags.DEFINE_float("end_step", d.end_step, "T_end as a fraction of the run.", flag_values=fv)
+    flags.DEFINE_string("output_dir", d.output_dir, "Where results go.", flag_values=fv)
+    flags.DEFINE_string("data_dir", d.data_dir, "Directory with the Fashion-MNIST idx files.",
+                        flag_values=fv)
+    flags.DEFINE_integer("train_limit", d.train_limit, "First N training images only (0: all).",
+                         flag_values=fv)
+    flags.DEFINE_integer("test_limit", d.test_limit, "First N test images only (0: all).",
+                         flag_values=fv)
+    flags.DEFINE_bool("plot_connectivity", d.plot_connectivity,
+                      "Plot RigL's first-layer connections per pixel before/after training.",
+                      flag_values=fv)
+    flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity per run.", flag_values=fv)
+
+
+def config_from_flags(flag_values) -> SweepConfig:
+    """A `SweepConfig` from parsed flags."""
+    config = common.config_from_flags(SweepConfig, flag_values)
+    config.methods = tuple(m.strip().lower() for m in flag_values.methods if m.strip())
+    config.sparsities = tuple(float(s) for s in flag_values.sparsities if s.strip())
+    return config
+
+
+def plan(config: SweepConfig) -> list[RunSpec]:
+    """The runs of a sweep, seed by seed (so early results cover every cell once).
+
+    Raises:
+      ValueError: for an unknown method or an empty sweep.
+    """
+    unknown = sorted(set(config.methods) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from {ALL_METHODS}.")
+    if not config.methods or config.seeds < 1:
+        raise ValueError("Nothing to run: give at least one method and --seeds >= 1.")
+    if not config.sparsities and any(m != "dense" for m in config.methods):
+        raise ValueError("Give at least one sparsity.")
+    runs = []
+    for seed in range(config.seeds):
+        for method in config.methods:
+            if method == "dense":
+                runs.append(RunSpec("dense", 0.0, seed))
+                continue
+            runs.extend(RunSpec(method, float(s), seed) for s in config.sparsities)
+    return runs
+
+
+def run_config(config: SweepConfig, spec: RunSpec) -> fashion_mnist.Config:
+    """The `fashion_mnist.Config` of one run of the sweep."""
+    return fashion_mnist.Config(
+        model=config.model, method=spec.method, sparsity=spec.sparsity,
+        distribution=config.distribution, epochs=config.epochs,
+        batch_size=config.batch_size, learning_rate=config.learning_rate,
+        lr_schedule=config.lr_schedule, delta_t=config.delta_t, alpha=config.alpha,
+        end_step=config.end_step, multiplier=config.multiplier, seed=spec.seed,
+        output_dir=os.path.join(config.output_dir, "runs", run_id(config, spec)),
+        data_dir=config.data_dir, train_limit=config.train_limit,
+        test_limit=config.test_limit, verbose=config.verbose,
+    )
+
+
+def run_id(config: SweepConfig, spec: RunSpec) -> str:
+    """A name for a run that changes whenever anything that affects its result does."""
+    readable = (
+        f"{config.model}-{spec.method}-{config.distribution}-s{spec.sparsity:g}"
+        f"-m{config.multiplier:g}-e{config.epochs:g}-seed{spec.seed}"
+    )
+    rest = (config.batch_size, config.learning_rate, config.lr_schedule, config.delta_t,
+            config.alpha, config.end_step, config.train_limit, config.test_limit)
+    digest = hashlib.sha1(repr(rest).encode()).hexdigest()[:6]
+    return f"{readable}-{digest}"
+
+
+# ---------------------------------------------------------------------------
+# Results store
+# ---------------------------------------------------------------------------
+
+_FIRST_COLUMNS = ("run_id",) + common.RESULT_KEYS
+
+
+def _parse_cell(text: str):
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_results(output_dir: str) -> dict[str, dict]:
+    """{run_id: results} from results.csv and runs/*/results.json in `output_dir`."""
+    rows: dict[str, dict] = {}
+    path = os.path.join(output_dir, "results.csv")
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("run_id"):
+                    rows[row["run_id"]] = {k: _parse_cell(v) for k, v in row.items()}
+    runs_dir = os.path.join(output_dir, "runs")
+    if os.path.isdir(runs_dir):
+        for name in sorted(os.listdir(runs_dir)):
+            if name not in rows:
+                results = common.read_results(os.path.join(runs_dir, name, "results.json"))
+                if results is not None:
+                    rows[name] = {"run_id": name, **results}
+    return rows
+
+
+def write_csv(output_dir: str, rows: dict[str, dict]) -> str:
+    """Writes every row to output_dir/results.csv (atomically); returns its path."""
+    columns = list(_FIRST_COLUMNS)
+    for row in rows.values():
+        columns += [k for k in row if k not in columns]
+    path = os.path.join(output_dir, "results.csv")
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for key in sorted(rows):
+            writer.writerow({k: rows[key].get(k, "") for k in columns})
+    os.replace(tmp, path)
+    return path
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def sweep(config: SweepConfig, *, run_fn=None, log=print) -> dict:
+    """Runs every run of `config` that is not finished yet, then summarizes.
+
+    Args:
+      config: the sweep.
+      run_fn: fashion_mnist.Config -> results dict (default: train it; tests
+        may substitute a fake).
+      log: where progress lines go.
+
+    Returns:
+      {"rows": results of this sweep's runs, "new_runs": how many were
+      trained now, "files": paths written by `summarize`}.
+    """
+    import keras
+
+    from examples import data as data_lib
+
+    runs = plan(config)
+    os.makedirs(config.output_dir, exist_ok=True)
+    stored = load_results(config.output_dir)
+    todo = [spec for spec in runs if run_id(config, spec) not in stored]
+    log(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already done, "
+        f"{len(todo)} to run; results in {config.output_dir}")
+    if run_fn is None:
+        dataset = None
+        if todo:  # load once for all runs; fails early if the data is missing
+            dataset = data_lib.load_fashion_mnist(config.data_dir)
+
+        def run_fn(run_cfg):
+            keras.backend.clear_session()  # keep memory flat over many runs
+            return fashion_mnist.train_and_evaluate(run_cfg, dataset)
+
+    start, done_now = time.time(), 0
+    for index, spec in enumerate(runs, 1):
+        key = run_id(config, spec)
+        label = (f"[{index:>{len(str(len(runs)))}}/{len(runs)}] {spec.method:<11} "
+                 f"S={spec.sparsity:<5g} seed={spec.seed}")
+        if key in stored:
+            log(f"{label}  done before: acc={float(stored[key]['test_accuracy']):.4f}")
+            continue
+        results = run_fn(run_config(config, spec))
+        stored[key] = {"run_id": key, **results}
+        write_csv(config.output_dir, stored)
+        done_now += 1
+        elapsed = time.time() - start
+        eta = elapsed / done_now * (len(todo) - done_now)
+        log(f"{label}  acc={results['test_accuracy']:.4f} "
+            f"train FLOPs={results['training_flops_ratio']:.3f}x "
+            f"({results['wall_time_s']:.0f}s) | elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
+    if not todo and stored:
+        write_csv(config.output_dir, stored)  # e.g. rows only in runs/*: put them in the CSV
+    rows = [stored[run_id(config, spec)] for spec in runs]
+    files = summarize(config, rows, log=log)
+    return {"rows": rows, "new_runs": done_now, "files": files}
+
+
+# ---------------------------------------------------------------------------
+# Summary: table and plots
+# ---------------------------------------------------------------------------
+
+
+def _aggregate(config: SweepConfig, rows: list[dict]) -> dict:
+    """{(method, sparsity): stats} with dense copied to every sparsity."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], float(row["sparsity"])), []).append(row)
+    stats = {}
+    for (method, sparsity), members in groups.items():
+        acc = np.array([float(r["test_accuracy"]) for r in members])
+        entry = {
+            "mean": float(acc.mean()),
+            "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "n": len(acc),
+            "train_flops": float(np.mean([float(r["training_flops_ratio"]) for r in members])),
+            "test_flops": float(np.mean([float(r["inference_flops_ratio"]) for r in members])),
+            "measured_sparsity": float(np.mean([float(r["measured_sparsity"]) for r in members])),
+        }
+        if method == "dense":
+            for s in config.sparsities:
+                stats["dense", float(s)] = entry
+        else:
+            stats[method, sparsity] = entry
+    return stats
+
+
+def markdown_table(config: SweepConfig, rows: list[dict]) -> str:
+    """The results as markdown: accuracy (mean ± std) and FLOPs per method and sparsity."""
+    stats = _aggregate(config, rows)
+    sparsities = [float(s) for s in config.sparsities]
+    model = MODEL_NAMES.get(config.model, config.model)
+    steps = sorted({int(r["steps"]) for r in rows if r.get("steps") is not None})
+    lines = [
+        f"# {model} on Fashion-MNIST: sparse training methods",
+        "",
+        f"Test accuracy (%) as mean ± std over {config.seeds} seed(s); FLOPs relative to the "
+        "dense model: training FLOPs per the paper's Appendix A (× M), inference FLOPs per "
+        "sample.",
+        f"Settings: {config.epochs:g} epochs × M = {config.multiplier:g} "
+        f"({', '.join(map(str, steps))} steps), batch {config.batch_size}, "
+        f"SGD Nesterov lr {config.learning_rate:g} ({config.lr_schedule}), "
+        f"{config.distribution.upper()} sparsity distribution, ΔT = {config.delta_t}, "
+        f"α = {config.alpha:g}, T_end = {config.end_step:g} of the run.",
+        "",
+    ]
+    header = ["Method"]
+    for s in sparsities:
+        header += [f"S={s:g} acc", "train", "test"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for method in config.methods:
+        cells = [METHOD_NAMES.get(method, method)]
+        for s in sparsities:
+            entry = stats.get((method, s))
+            if entry is None:
+                cells += ["—", "—", "—"]
+                continue
+            acc = f"{100 * entry['mean']:.2f}"
+            if entry["n"] > 1:
+                acc += f" ± {100 * entry['std']:.2f}"
+            cells += [acc, f"{entry['train_flops']:.3f}x", f"{entry['test_flops']:.3f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Columns per sparsity: test accuracy, training FLOPs, inference (test) FLOPs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_sparsity(config: SweepConfig, rows: list[dict], path: str) -> str:
+    """Mean test accuracy (± std) against sparsity, one line per method; dense dashed."""
+    plt = _plt()
+    stats = _aggregate(config, rows)
+    sparsities = sorted(float(s) for s in config.sparsities)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method in config.methods:
+        points = [(s, stats[method, s]) for s in sparsities if (method, s) in stats]
+        if not points:
+            continue
+        if method == "dense":
+            entry = points[0][1]
+            axes.axhline(100 * entry["mean"], color="red", linestyle="--", linewidth=1,
+                         label="Dense")
+            continue
+        xs = [p[0] for p in points]
+        axes.errorbar(xs, [100 * p[1]["mean"] for p in points],
+                      yerr=[100 * p[1]["std"] for p in points], marker="o", capsize=3,
+                      label=METHOD_NAMES.get(method, method))
+    axes.set_xticks(sparsities)
+    axes.set_xticklabels([f"{s:g}" for s in sparsities])
+    axes.set_xlabel("sparsity")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(f"{MODEL_NAMES.get(config.model, config.model)} / Fashion-MNIST "
+                   f"({config.distribution.upper()}, {config.epochs:g} epochs × "
+                   f"{config.multiplier:g})")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_accuracy_vs_flops(config: SweepConfig, rows: list[dict], path: str) -> str:
+    """Mean test accuracy against training FLOPs (log scale), points per sparsity."""
+    plt = _plt()
+    stats = _aggregate(config, rows)
+    sparsities = sorted(float(s) for s in config.sparsities)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method in config.methods:
+        points = [stats[method, s] for s in sparsities if (method, s) in stats]
+        if not points:
+            continue
+        if method == "dense":
+            axes.axhline(100 * points[0]["mean"], color="red", linestyle="--", linewidth=1)
+            axes.plot([points[0]["train_flops"]], [100 * points[0]["mean"]], "r*",
+                      markersize=10, label="Dense")
+            continue
+        axes.errorbar([p["train_flops"] for p in points], [100 * p["mean"] for p in points],
+                      yerr=[100 * p["std"] for p in points], marker="o", capsize=3,
+                      label=METHOD_NAMES.get(method, method))
+    axes.set_xscale("log")
+    axes.set_xlabel("training FLOPs (× dense training)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("Accuracy vs training cost (points: sparsities "
+                   + ", ".join(f"{s:g}" for s in sparsities) + ")", fontsize=10)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def center_share(counts: np.ndarray) -> float:
+    """Fraction of the connections that read the central 14×14 pixels of a 28×28 image."""
+    image = np.asarray(counts, dtype="float64").reshape(28, 28)
+    total = image.sum()
+    return float(image[7:21, 7:21].sum() / total) if total else 0.0
+
+
+def plot_connectivity(config: SweepConfig, path: str, log=print) -> str | None:
+    """Heatmaps of first-layer connections per pixel: before and after RigL (and SET).
+
+    Uses the RigL run of the first seed at the highest sparsity of the sweep.
+    Returns the path, or None if there is no such run with saved connectivity.
+    """
+    if config.model != "mlp":
+        log("--plot_connectivity needs --model=mlp (a Dense first layer); skipped.")
+        return None
+    if "rigl" not in config.methods or not config.sparsities:
+        log("--plot_connectivity needs rigl in --methods; skipped.")
+        return None
+    sparsity = max(float(s) for s in config.sparsities)
+
+    def load(method):
+        directory = os.path.join(config.output_dir, "runs",
+                                 run_id(config, RunSpec(method, sparsity, 0)))
+        try:
+            with np.load(os.path.join(directory, "connectivity.npz")) as saved:
+                return saved["before"], saved["after"]
+        except OSError:
+            return None
+
+    rigl = load("rigl")
+    if rigl is None:
+        log("No saved connectivity for the RigL run; skipped.")
+        return None
+    panels = [("initial (random)", rigl[0]), ("after RigL", rigl[1])]
+    other = load("set") if "set" in config.methods else None
+    if other is not None:
+        panels.append(("after SET", other[1]))
+    plt = _plt()
+    vmax = max(float(np.max(c)) for _, c in panels)
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.8, 3.8))
+    for ax, (title, counts) in zip(np.atleast_1d(axes), panels):
+        image = ax.imshow(np.asarray(counts).reshape(28, 28), cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(f"{title}\ncenter 14×14: {100 * center_share(counts):.0f}% of links",
+                     fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(image, ax=list(np.atleast_1d(axes)), shrink=0.8,
+                    label="active connections from the pixel")
+    figure.suptitle(f"LeNet-300-100 first layer, S = {sparsity:g} "
+                    f"({config.distribution.upper()})", fontsize=10)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    log(f"connectivity: center 14×14 pixels hold {100 * center_share(rigl[0]):.1f}% of the "
+        f"first-layer connections before and {100 * center_share(rigl[1]):.1f}% after RigL "
+        "(the central quarter of the image).")
+    return path
+
+
+def summarize(config: SweepConfig, rows: list[dict], log=print) -> dict:
+    """Writes results.md and the plots for `rows`; returns {name: path}."""
+    files = {}
+    if not rows:
+        return files
+    table = markdown_table(config, rows)
+    files["markdown"] = os.path.join(config.output_dir, "results.md")
+    with open(files["markdown"], "w") as f:
+        f.write(table)
+    files["csv"] = os.path.join(config.output_dir, "results.csv")
+    files["accuracy_vs_sparsity"] = plot_accuracy_vs_sparsity(
+        config, rows, os.path.join(config.output_dir, "accuracy_vs_sparsity.png"))
+    files["accuracy_vs_flops"] = plot_accuracy_vs_flops(
+        config, rows, os.path.join(config.output_dir, "accuracy_vs_training_flops.png"))
+    if config.plot_connectivity:
+        path = plot_connectivity(config, os.path.join(config.output_dir, "connectivity.png"),
+                                 log=log)
+        if path:
+            files["connectivity"] = path
+    log("\n" + table)
+    log("wrote " + ", ".join(sorted(files.values())))
+    return files
+
+
+def main(argv):
+    del argv  # unused
+    sweep(config_from_flags(flags.FLAGS), log=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
