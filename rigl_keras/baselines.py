@@ -156,6 +156,9 @@ class SNFSCallback(RigLCallback):
             for layer in self.masked_layers:
                 layer.ensure_grow_momentum()
 
+    def next_event(self, step):
+        return step + 1  # the momentum moves after every step
+
     def after_step(self, previous, step, logs):
         grads = self._gradients(self.grow_data.batch(step))
         beta = self.momentum
@@ -413,12 +416,15 @@ class MagnitudePruningCallback(SparseTrainingCallback):
         """Target sparsity of every masked layer at `step` (after train begin)."""
         return {name: s.sparsity(step) for name, s in self._schedules.items()}
 
+    def next_event(self, step):
+        schedule = next(iter(self._schedules.values()), None)
+        return None if schedule is None else schedule.next_prune_step(step)
+
     def after_step(self, previous, step, logs):
         schedule = next(iter(self._schedules.values()))
-        due = [t for t in range(previous + 1, step + 1) if schedule.is_prune_step(t)]
-        if not due:
-            return
-        self.prune(due[-1], logs)
+        due = schedule.last_prune_step(previous, step)
+        if due is not None:
+            self.prune(due, logs)
 
     def prune(self, step: int, logs: dict | None = None) -> list:
         """Prunes every masked layer to its target sparsity at `step`."""

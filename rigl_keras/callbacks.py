@@ -196,11 +196,21 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             )
         self._layers = layers
         self._last_step = int(model.optimizer.iterations)
+        self._unread = 0
         self.setup()
         self._counts = self._current_counts()
 
     def on_train_batch_end(self, batch, logs=None):
+        # Reading the step syncs with the device, so it is read only when an
+        # event may be due. The estimate never falls behind the true step
+        # (a loss-scale optimizer may skip steps, never add them).
+        self._unread += 1
+        due = self.next_event(self._last_step)
+        estimate = self._last_step + self._unread * int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if due is None or estimate < due:
+            return
         step = int(self.model.optimizer.iterations)
+        self._unread = 0
         if step == self._last_step:
             return  # e.g. a loss-scale optimizer skipped a non-finite step
         previous, self._last_step = self._last_step, step
@@ -220,8 +230,12 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     def setup(self) -> None:
         """Called at train begin once `masked_layers` is known."""
 
+    def next_event(self, step: int) -> int | None:
+        """The first step after `step` at which `after_step` has work, or None."""
+        return None
+
     def after_step(self, previous: int, step: int, logs: dict) -> None:
-        """Called after the optimizer moved from step `previous` to `step`."""
+        """Called once the optimizer has moved from `previous` to `step` >= `next_event(previous)`."""
 
     def record(self, logs: dict, fraction: float, results) -> None:
         """Logs one connectivity update and audits it if asked to."""
@@ -299,6 +313,9 @@ class DynamicSparseCallback(SparseTrainingCallback):
     def grow_scores(self, step: int) -> list:
         """One score tensor per masked layer; larger means grow first."""
         raise NotImplementedError
+
+    def next_event(self, step):
+        return self.schedule.next_update_step(step, self._end)
 
     def after_step(self, previous, step, logs):
         update_step = self.schedule.last_update_step(previous, step, self._end)
@@ -400,7 +417,11 @@ class RigLCallback(DynamicSparseCallback):
         super().on_train_begin(logs)
 
     def setup(self):
-        self._gradients = gradients_backend.gradient_function(self.model, self._layers)
+        # Reuse the traced gradient function across fits of the same model.
+        key = (id(self.model), tuple(id(layer) for layer in self._layers))
+        if getattr(self, "_gradients_key", None) != key:
+            self._gradients = gradients_backend.gradient_function(self.model, self._layers)
+            self._gradients_key = key
 
     def grow_scores(self, step):
         return [ops.abs(g) for g in self._gradients(self.grow_data.batch(step))]

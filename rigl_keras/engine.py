@@ -237,6 +237,10 @@ def drop_grow(layer, n_drop: int, grow_score, slots=(), *, n_grow: int | None = 
     """
     mask = layer.mask
     n_active = active_connections(layer)
+    if n_active == int(ops.size(mask)) and (n_grow is None or n_grow == n_drop):
+        # A dense layer (the first one under "uniform", or one capped by
+        # ERK) has nowhere else to grow: it stays dense and untouched.
+        return UpdateResult(layer.name, n_active, 0)
     if drop_score is None:
         drop_score = ops.abs(ops.where(ops.not_equal(mask, 0), layer.raw_kernel, 0))
     if not scores_are_finite(layer, grow_score, drop_score):

@@ -423,6 +423,25 @@ def _mean_pruned_fraction(schedule: schedules.PolynomialSchedule, total_steps: i
     return float(total / schedule.final_sparsity / total_steps)
 
 
+def _mean_pruning_flops(f_s: float, f_d: float, schedule, total_steps) -> float:
+    """Mean inference FLOPs over gradual pruning's training steps."""
+    if schedule is None:
+        total_steps = PAPER_TOTAL_STEPS if total_steps is None else total_steps
+        # s(t)/s_f does not depend on s_f when the ramp starts at 0.
+        schedule = paper_pruning_schedule(0.5, total_steps)
+    elif total_steps is None:
+        raise ValueError("`total_steps` is required with a custom `pruning_schedule`.")
+    if not isinstance(schedule, schedules.PolynomialSchedule):
+        raise ValueError(
+            "`pruning_schedule` must be a schedules.PolynomialSchedule; got "
+            f"{type(schedule).__name__}."
+        )
+    if not isinstance(total_steps, (int, np.integer)) or isinstance(total_steps, bool) or total_steps < 1:
+        raise ValueError(f"`total_steps` must be an int >= 1; got {total_steps!r}.")
+    fraction = _mean_pruned_fraction(schedule, int(total_steps))
+    return f_d + fraction * (f_s - f_d)
+
+
 def training_flops(
     method: str,
     f_sparse: float,
@@ -486,26 +505,8 @@ def training_flops(
         per_step = 2 * f_s + f_d
     elif method == "rigl":
         per_step = (3 * f_s * delta_t + 2 * f_s + f_d) / (delta_t + 1)
-    else:  # prune
-        if pruning_schedule is None:
-            steps = PAPER_TOTAL_STEPS if total_steps is None else total_steps
-            # s(t)/s_f does not depend on s_f when the ramp starts at 0.
-            pruning_schedule = paper_pruning_schedule(0.5, steps)
-        elif total_steps is None:
-            raise ValueError(
-                "`total_steps` is required with a custom `pruning_schedule`."
-            )
-        else:
-            steps = total_steps
-        if not isinstance(pruning_schedule, schedules.PolynomialSchedule):
-            raise ValueError(
-                "`pruning_schedule` must be a schedules.PolynomialSchedule; got "
-                f"{type(pruning_schedule).__name__}."
-            )
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"`total_steps` must be an int >= 1; got {steps!r}.")
-        fraction = _mean_pruned_fraction(pruning_schedule, int(steps))
-        per_step = 3 * (f_d + fraction * (f_s - f_d))
+    else:
+        per_step = 3 * _mean_pruning_flops(f_s, f_d, pruning_schedule, total_steps)
     return multiplier * per_step
 
 

@@ -54,7 +54,8 @@ class MaskedKernelMixin:
         mask = getattr(self, "mask", None)
         if mask is None:  # during the base class's build
             return kernel
-        return ops.where(ops.not_equal(mask, 0), kernel, 0)
+        # A float->bool cast is measurably cheaper per step than not_equal.
+        return ops.where(ops.cast(mask, "bool"), kernel, 0)
 
     @kernel.setter
     def kernel(self, value):

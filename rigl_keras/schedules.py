@@ -109,6 +109,12 @@ class UpdateSchedule:
             return candidate
         return None
 
+    def next_update_step(self, step: int, end: int) -> int | None:
+        """The first update step after `step`, or None if there is none before `end`."""
+        candidate = max(step + 1, self.begin_step, 1)
+        candidate += -candidate % self.delta_t
+        return candidate if candidate < end else None
+
     def drop_fraction(self, step: int, end: int) -> float:
         """f_decay(t): the fraction of each layer's active connections to update."""
         if self.decay.lower() == "constant":
@@ -171,6 +177,23 @@ class PolynomialSchedule:
             self.final_sparsity
             + (self.initial_sparsity - self.final_sparsity) * (1.0 - progress) ** self.exponent
         )
+
+    def next_prune_step(self, step: int) -> int | None:
+        """The first pruning step after `step`, or None after `end_step`."""
+        if step >= self.end_step:
+            return None
+        candidate = max(step + 1, self.begin_step)
+        candidate += -(candidate - self.begin_step) % self.frequency
+        return min(candidate, self.end_step)
+
+    def last_prune_step(self, first: int, last: int) -> int | None:
+        """The latest pruning step in (first, last], or None."""
+        if last <= self.begin_step - 1 or first >= self.end_step:
+            return None
+        candidate = min(last, self.end_step)
+        if candidate != self.end_step:
+            candidate -= (candidate - self.begin_step) % self.frequency
+        return candidate if candidate > first and candidate >= self.begin_step else None
 
     def is_prune_step(self, step: int) -> bool:
         """True if masks are recomputed after optimizer step `step`."""

@@ -163,3 +163,15 @@ def test_prune_keeps_largest_and_only_shrinks():
     assert layer.mask.numpy().tolist() == [[0, 1], [1, 0], [1, 0]]
     assert result.changed == 2 and result.active == 3
     np.testing.assert_array_equal(layer.raw_kernel.numpy(), np.float32([[0, -0.5], [0.3, 0], [-0.9, 0]]))
+
+
+def test_dense_layer_stays_dense_and_untouched():
+    # A dense layer (first layer under "uniform") has nowhere else to grow:
+    # dropping would only reset its smallest weights to zero.
+    layer = rk.MaskedDense(3)
+    layer.build((None, 4))
+    kernel = layer.raw_kernel.numpy().copy()
+    result = engine.drop_grow(layer, 3, np.ones((4, 3), "float32"))
+    assert result.changed == 0 and result.active == 12
+    np.testing.assert_array_equal(layer.raw_kernel.numpy(), kernel)
+    np.testing.assert_array_equal(layer.mask.numpy(), 1.0)

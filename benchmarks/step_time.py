@@ -1,0 +1,106 @@
+"""Training-step time of LeNet-300-100: dense vs masked (90%, no updates) vs RigL (ΔT=100).
+
+All three are timed in one process, interleaved round by round, and the
+script prints each one's median step time and its ratio to dense. Absolute
+times depend on the machine; the ratios are what to compare.
+
+    python benchmarks/step_time.py [--steps 300] [--rounds 5] [--batch_size 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import rigl_keras as rk  # noqa: E402
+
+
+def lenet_300_100() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(300, activation="relu"),
+            keras.layers.Dense(100, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def compiled(model):
+    model.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of each epoch (the first, which traces, is dropped later)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="steps per timed epoch")
+    parser.add_argument("--rounds", type=int, default=5, help="timed epochs per configuration")
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--delta_t", type=int, default=100)
+    args = parser.parse_args()
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    n = args.steps * args.batch_size
+    x = rng.random((n, 784), dtype="float32")
+    y = rng.integers(0, 10, n)
+    total = (args.rounds + 1) * args.steps
+    configs = {
+        "dense": (compiled(lenet_300_100()), []),
+        "masked 90%": (compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform")), []),
+        f"RigL ΔT={args.delta_t}": (
+            compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform")),
+            [rk.RigLCallback(delta_t=args.delta_t, end_step=total, grow_data=(x, y),
+                             grow_batch_size=args.batch_size)],
+        ),
+    }
+    times = {name: [] for name in configs}
+    updates = {name: 0 for name in configs}
+    # Round 0 traces the functions; rounds are interleaved so that machine
+    # noise hits every configuration alike.
+    for round_ in range(args.rounds + 1):
+        for name, (model, callbacks) in configs.items():
+            timer = EpochTimer()
+            history = model.fit(x, y, batch_size=args.batch_size, epochs=round_ + 1,
+                                initial_epoch=round_, verbose=0, callbacks=callbacks + [timer])
+            if round_ > 0:
+                times[name].append(timer.times[-1] / args.steps)
+                updates[name] += int(history.history.get("mask_updates", [0])[-1])
+
+    dense = statistics.median(times["dense"])
+    print(f"LeNet-300-100, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, "
+          f"backend {keras.backend.backend()}")
+    print(f"{'configuration':<16} {'ms/step':>8} {'÷ dense':>8} {'mask updates':>13}")
+    for name in configs:
+        median = statistics.median(times[name])
+        print(f"{name:<16} {1000 * median:>8.3f} {median / dense:>8.3f} {updates[name]:>13}")
+
+
+if __name__ == "__main__":
+    main()
