@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (main job) and `make test` (tests).
+# Each installs what it needs itself.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+DEMO_DIR ?= out/demo
+
+.PHONY: demo test bench install install-test data
+
+install:
+	$(PIP) install -q -e ".[examples]"
+
+# tf_keras must match the installed TensorFlow's minor version, or pip would
+# replace TensorFlow with the version that the newest tf_keras wants.
+install-test: install
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q tensorflow-model-optimization \
+	  "tf_keras==$$($(PYTHON) -c 'import tensorflow as tf; print(".".join(tf.__version__.split(".")[:2]))').*"
+
+# Real Fashion-MNIST for machines without network access to tfds (Debian package).
+data:
+	@[ -d $(FASHION_MNIST) ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: install data
+	$(PYTHON) examples/reproduce.py --quick --output_dir $(DEMO_DIR)
+
+test: install-test data
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/step_time.py
