@@ -291,7 +291,7 @@ class SNIPCallback(SparseTrainingCallback):
             model, self.sparsity, self.distribution, custom_sparsity=self.custom_sparsity,
             dense_layers=self.dense_layers, erk_power_scale=self.erk_power_scale,
         )
-        if int(model.optimizer.iterations) != 0:
+        if self.current_step() != 0:
             return  # resumed: the mask was chosen at step 0 and is restored
         self.prune_at_initialization(sparsities)
 

@@ -172,6 +172,10 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             return None
         return int(steps) * int(epochs)
 
+    def current_step(self) -> int:
+        """The optimizer's step count (works for distributed variables too)."""
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
     def optimizer_slots(self, layer) -> list:
         """Optimizer state variables of `layer`'s kernel."""
         model = self.model
@@ -195,10 +199,11 @@ class SparseTrainingCallback(keras.callbacks.Callback):
                 "through rigl_keras.sparsify first."
             )
         self._layers = layers
-        self._last_step = int(model.optimizer.iterations)
+        self._last_step = self.current_step()
         self._unread = 0
         self.setup()
         self._counts = self._current_counts()
+        self._fresh = True
 
     def on_train_batch_end(self, batch, logs=None):
         # Reading the step syncs with the device, so it is read only when an
@@ -209,7 +214,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         estimate = self._last_step + self._unread * int(getattr(self.model, "steps_per_execution", 1) or 1)
         if due is None or estimate < due:
             return
-        step = int(self.model.optimizer.iterations)
+        step = self.current_step()
         self._unread = 0
         if step == self._last_step:
             return  # e.g. a loss-scale optimizer skipped a non-finite step
@@ -217,6 +222,13 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self.after_step(previous, step, logs if logs is not None else {})
 
     def on_epoch_begin(self, epoch, logs=None):
+        # Re-sync with the optimizer: `BackupAndRestore` may have restored an
+        # earlier step (and masks) in an on_train_begin that ran after ours.
+        self._last_step = self.current_step()
+        self._unread = 0
+        if self._fresh:
+            self._counts = self._current_counts()
+            self._fresh = False
         self._epoch_changed = 0
         self._epoch_updates = 0
 
