@@ -43,6 +43,16 @@ def _is_dataset(data) -> bool:
     return isinstance(data, tf.data.Dataset)
 
 
+def _take_rows(array, rows):
+    # Index host arrays on the host: converting a whole training set to a
+    # tensor at every update would copy all of it.
+    if array is None:
+        return None
+    if isinstance(array, np.ndarray):
+        return array[rows]
+    return ops.take(array, ops.convert_to_tensor(rows), axis=0)
+
+
 class GrowData:
     """A source of training batches for growth gradients.
 
@@ -94,10 +104,7 @@ class GrowData:
             rng = np.random.default_rng([int(self.seed), int(step)])
             size = min(self.batch_size, self._rows)
             rows = np.sort(rng.choice(self._rows, size=size, replace=False))
-            return keras.tree.map_structure(
-                lambda a: None if a is None else ops.take(ops.convert_to_tensor(a), rows, axis=0),
-                self._arrays,
-            )
+            return keras.tree.map_structure(lambda a: _take_rows(a, rows), self._arrays)
         if self._iterator is not None:
             try:
                 return next(self._iterator)
