@@ -1,4 +1,4 @@
-"""The only backend-specific code: dense gradients of masked kernels.
+"""The only backend-specific code: applying masks and dense gradients of masked kernels.
 
 RigL grows where |∂L/∂W_eff| is largest, W_eff being the masked kernel. The
 gradient with respect to the stored kernel is zero wherever the mask is zero,
@@ -16,7 +16,22 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-__all__ = ["dense_kernel_gradients", "gradient_function", "creation_scope"]
+__all__ = ["apply_mask", "dense_kernel_gradients", "gradient_function", "creation_scope"]
+
+
+def apply_mask(kernel, mask):
+    """`kernel` where `mask` is non-zero, else exactly 0, forward and backward.
+
+    A NaN or Inf stored (or back-propagated) outside the mask never passes:
+    on TensorFlow `multiply_no_nan` does this at the cost of a multiply (a
+    select measured ~20% slower per step on CPU); elsewhere a select.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        kernel = tf.convert_to_tensor(kernel)  # applies mixed-precision autocast
+        return tf.math.multiply_no_nan(kernel, tf.cast(mask, kernel.dtype))
+    return ops.where(ops.cast(mask, "bool"), kernel, 0)
 
 
 def _substituted_values(model, layers, effective):
@@ -47,10 +62,7 @@ def _loss(model, layers, effective, x, y, sample_weight):
 
 
 def _effective_kernels(layers):
-    return [
-        ops.where(ops.not_equal(layer.mask, 0), layer.raw_kernel, 0)
-        for layer in layers
-    ]
+    return [apply_mask(layer.raw_kernel, layer.mask) for layer in layers]
 
 
 def dense_kernel_gradients(model, layers, data) -> list:

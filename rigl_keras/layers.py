@@ -6,15 +6,16 @@ Each masked layer keeps its trainable weight in ``_kernel`` and a non-trainable
 compiled train function, assigning a new mask from a callback takes effect on
 the next step without retracing.
 
-A select is used rather than a multiply so that a non-finite value stored at a
-masked-out position (or flowing back through the gradient there) can never
-leak into the outputs or into the kernel's gradient.
+The mask is applied so that a non-finite value stored at a masked-out
+position (or flowing back through the gradient there) can never leak into
+the outputs or into the kernel's gradient (`backend.apply_mask`).
 """
 
 from __future__ import annotations
 
 import keras
-from keras import ops
+
+from rigl_keras import backend
 
 __all__ = [
     "MaskedKernelMixin",
@@ -54,8 +55,7 @@ class MaskedKernelMixin:
         mask = getattr(self, "mask", None)
         if mask is None:  # during the base class's build
             return kernel
-        # A float->bool cast is measurably cheaper per step than not_equal.
-        return ops.where(ops.cast(mask, "bool"), kernel, 0)
+        return backend.apply_mask(kernel, mask)
 
     @kernel.setter
     def kernel(self, value):
