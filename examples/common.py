@@ -12,17 +12,19 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import keras
 import numpy as np
 
 __all__ = [
-    "add_repo_to_path",
     "define_method_flags",
     "config_from_flags",
-    "parse_list",
+    "parse_ints",
+    "parse_floats",
+    "get_strategy",
+    "STRATEGIES",
+    "collect_results",
     "set_seed",
     "build_method",
     "StopAtStep",
@@ -46,13 +48,6 @@ RESULT_KEYS = (
     "dense_params", "inference_flops_ratio", "training_flops_ratio", "wall_time_s",
     "data_source",
 )
-
-
-def add_repo_to_path() -> None:
-    """Makes `rigl_keras` and `examples` importable when run as `python examples/x.py`."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
 
 
 def define_method_flags(flag_values, **defaults) -> None:
@@ -101,11 +96,6 @@ def config_from_flags(config_class, flag_values):
     names = {field.name for field in dataclasses.fields(config_class)}
     values = {name: flag_values[name].value for name in names if name in flag_values}
     return config_class(**values)
-
-
-def parse_list(text: str, kind=float) -> list:
-    """'0.8,0.9' -> [0.8, 0.9]; empty items are skipped."""
-    return [kind(item) for item in str(text).split(",") if item.strip()]
 
 
 def set_seed(seed: int) -> None:
@@ -160,7 +150,10 @@ class StopAtStep(keras.callbacks.Callback):
         self.total_steps = int(total_steps)
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) >= self.total_steps:
+        # convert_to_numpy, not int(): under tf.distribute the counter is a
+        # MirroredVariable, which int() rejects.
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step >= self.total_steps:
             self.model.stop_training = True
 
 
@@ -341,3 +334,85 @@ def steps_for(epochs: float, multiplier: float, steps_per_epoch: int) -> int:
 def fit_epochs(total_steps: int, steps_per_epoch: int) -> int:
     """Keras epochs of `steps_per_epoch` needed to cover `total_steps`."""
     return max(1, math.ceil(total_steps / steps_per_epoch))
+
+
+#: Names accepted by `get_strategy`.
+STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
+
+
+def get_strategy(name: str = "default", tpu: str | None = None):
+    """A `tf.distribute` strategy by name.
+
+    Args:
+      name: "default" (no distribution), "mirrored" (all local GPUs),
+        "multiworker" (MultiWorkerMirroredStrategy; TF_CONFIG describes the
+        cluster) or "tpu" (TPUStrategy).
+      tpu: the TPU name or address for "tpu" (None: the local TPU / the one
+        the environment names).
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"Unknown strategy {name!r}; choose one of {STRATEGIES}.")
+
+
+def parse_ints(text) -> tuple[int, ...]:
+    """'30000,60000' (or a sequence) -> (30000, 60000)."""
+    if isinstance(text, str):
+        return tuple(int(float(v)) for v in text.split(",") if v.strip())
+    return tuple(int(v) for v in text)
+
+
+def parse_floats(text) -> tuple[float, ...]:
+    """'30,70,90' (or a sequence) -> (30.0, 70.0, 90.0)."""
+    if isinstance(text, str):
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    return tuple(float(v) for v in text)
+
+
+def collect_results(config, model, method, *, script, dense_model, test_loss, test_accuracy,
+                    total_steps, pruning_schedule, epochs, data_source, timer, extra=None) -> dict:
+    """The results dict shared by the CIFAR-10 and ImageNet scripts."""
+    sparsity, active, dense_params = measured_sparsity(model, dense_model)
+    flops = flops_ratios(
+        model, method, delta_t=config.delta_t, multiplier=config.multiplier,
+        dense_model=dense_model, pruning_schedule=pruning_schedule, total_steps=total_steps,
+    )
+    results = {
+        "script": script,
+        "method": method,
+        "sparsity": 0.0 if method == "dense" else float(config.sparsity),
+        "distribution": config.distribution,
+        "seed": config.seed,
+        "multiplier": float(config.multiplier),
+        "epochs": float(epochs),
+        "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "total_steps": int(total_steps),
+        "batch_size": config.batch_size,
+        "delta_t": config.delta_t,
+        "alpha": config.alpha,
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "measured_sparsity": float(sparsity),
+        "active_params": int(active),
+        "dense_params": int(dense_params),
+        "inference_flops_ratio": flops["inference_flops_ratio"],
+        "training_flops_ratio": flops["training_flops_ratio"],
+        "data_source": data_source,
+    }
+    results.update(extra or {})
+    results["wall_time_s"] = timer()
+    return results

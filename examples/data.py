@@ -87,6 +87,17 @@ class ArrayData:
     y_test: np.ndarray
     source: str
 
+    def __iter__(self):
+        # Unpacks like keras.datasets: (x_train, y_train), (x_test, y_test) = data.
+        return iter(((self.x_train, self.y_train), (self.x_test, self.y_test)))
+
+    def flatten(self) -> "ArrayData":
+        """The same data with each image flattened to a vector (N, 784)."""
+        return ArrayData(
+            self.x_train.reshape(len(self.x_train), -1), self.y_train,
+            self.x_test.reshape(len(self.x_test), -1), self.y_test, self.source,
+        )
+
     def limit(self, train: int | None = None, test: int | None = None) -> "ArrayData":
         """The first `train` / `test` rows (None or 0: all of them)."""
         def cut(array, n):
@@ -244,8 +255,12 @@ def load_fashion_mnist(
     debian_dir: str | os.PathLike | None = None,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    flatten: bool = False,
 ) -> ArrayData:
     """Fashion-MNIST (60k train, 10k test) without touching the network.
+
+    The result unpacks like `keras.datasets`:
+    ``(x_train, y_train), (x_test, y_test) = load_fashion_mnist()``.
 
     Args:
       data_dir: a directory with the four idx files; if given, only it is used.
@@ -254,9 +269,12 @@ def load_fashion_mnist(
       debian_dir: where to look for the Debian package's files (None:
         `FASHION_MNIST_DEBIAN_DIR`).
       train_limit, test_limit: keep only the first rows (None or 0: all).
+      flatten: return images as vectors of 784 pixels (for an MLP whose
+        input is `keras.Input((784,))`).
 
     Returns:
-      `ArrayData`: float32 images in [0, 1] of shape (N, 28, 28), int32 labels.
+      `ArrayData`: float32 images in [0, 1] of shape (N, 28, 28) (or
+      (N, 784) with `flatten`), int32 labels.
 
     Raises:
       DatasetNotFoundError: if the data is in none of the places, with a
@@ -282,7 +300,8 @@ def load_fashion_mnist(
                     looked_in.insert(0, "the TFDS data directory (fashion_mnist not prepared)")
                 raise DatasetNotFoundError(_missing_message(looked_in))
             data = load_fashion_mnist_idx(debian)
-    return data.limit(train_limit, test_limit)
+    data = data.limit(train_limit, test_limit)
+    return data.flatten() if flatten else data
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,423 @@
+"""End-to-end tests of the example scripts on tiny data.
+
+Fashion-MNIST runs use tiny idx files written here (so the tests do not depend
+on the Debian package); CIFAR-10 and ImageNet use `tfds.testing.mock_data`.
+Scripts run in-process through their `run` functions (a TensorFlow
+subprocess costs seconds to start); one test runs a script as a program.
+"""
+
+import csv
+import dataclasses
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from examples import cifar10_wrn  # noqa: E402
+from examples import common  # noqa: E402
+from examples import data as data_lib  # noqa: E402
+from examples import fashion_mnist  # noqa: E402
+from examples import fashion_mnist_cnn  # noqa: E402
+from examples import fashion_mnist_mlp  # noqa: E402
+from examples import imagenet_resnet50  # noqa: E402
+from examples import reproduce  # noqa: E402
+
+REQUIRED_KEYS = {
+    "method", "sparsity", "test_accuracy", "measured_sparsity",
+    "inference_flops_ratio", "training_flops_ratio", "seed", "distribution",
+    "multiplier", "epochs", "wall_time_s",
+}
+
+_IDX_CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}
+
+
+def write_idx(path, array):
+    """Writes `array` as an idx file (gzipped if `path` ends in .gz)."""
+    array = np.asarray(array)
+    code = _IDX_CODES[array.dtype.str[1:]]
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    payload = array.astype(array.dtype.newbyteorder(">")).tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + payload)
+
+
+def write_fashion_mnist(directory, n_train=200, n_test=100, seed=0):
+    """Tiny learnable Fashion-MNIST look-alike: a bright band whose row is the class."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype("u1")
+        images = rng.integers(0, 60, (n, 28, 28)).astype("u1")
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label: 4 + 2 * label, 4:24] = 255
+        write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), images)
+        write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), labels)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion_mnist"))
+
+
+def tiny_mnist(**overrides):
+    """A `fashion_mnist.Config` that runs in a couple of seconds."""
+    base = dict(epochs=1, batch_size=50, delta_t=2, prune_frequency=1,
+                learning_rate=0.05, verbose=0)
+    base.update(overrides)
+    return fashion_mnist.Config(**base)
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8"])
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_read_idx_round_trip(tmp_path, dtype, suffix):
+    array = (np.arange(2 * 3 * 4) - 5).reshape(2, 3, 4).astype(np.dtype(dtype).newbyteorder("="))
+    if dtype == "u1":
+        array = np.arange(24, dtype="u1").reshape(2, 3, 4)
+    path = tmp_path / f"x-idx3{suffix}"
+    write_idx(path, array)
+    result = data_lib.read_idx(path)
+    assert result.shape == (2, 3, 4)
+    assert result.dtype == array.dtype
+    np.testing.assert_array_equal(result, array)
+
+
+def test_read_idx_one_dimensional_labels(tmp_path):
+    labels = np.array([9, 0, 3], dtype="u1")
+    write_idx(tmp_path / "labels.gz", labels)
+    np.testing.assert_array_equal(data_lib.read_idx(tmp_path / "labels.gz"), labels)
+
+
+def test_read_idx_rejects_malformed_files(tmp_path):
+    bad_magic = tmp_path / "bad"
+    bad_magic.write_bytes(b"\x01\x00\x08\x01\x00\x00\x00\x01\x05")
+    with pytest.raises(ValueError, match="magic"):
+        data_lib.read_idx(bad_magic)
+    truncated = tmp_path / "short"
+    write_idx(truncated, np.zeros((4, 4), "u1"))
+    truncated.write_bytes(truncated.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="shape"):
+        data_lib.read_idx(truncated)
+    bad_code = tmp_path / "code"
+    bad_code.write_bytes(b"\x00\x00\x07\x01\x00\x00\x00\x01\x05")
+    with pytest.raises(ValueError, match="type code"):
+        data_lib.read_idx(bad_code)
+
+
+def test_load_fashion_mnist_from_data_dir(idx_dir):
+    data = data_lib.load_fashion_mnist(idx_dir, train_limit=150)
+    assert data.x_train.shape == (150, 28, 28) and data.y_train.shape == (150,)
+    assert data.x_test.shape == (100, 28, 28)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int32
+    assert 0.0 <= data.x_train.min() and data.x_train.max() == 1.0
+    assert data.source == f"idx:{idx_dir}"
+    (x, y), (x_test, y_test) = data_lib.load_fashion_mnist(idx_dir, flatten=True)
+    assert x.shape == (200, 784) and x_test.shape == (100, 784) and y.shape == (200,)
+
+
+def test_offline_fallback_to_idx_files(idx_dir, tmp_path):
+    # A TFDS directory with an unprepared fashion_mnist folder: fall back to
+    # the Debian location (here: the tiny idx files), without any download.
+    (tmp_path / "tfds" / "fashion_mnist").mkdir(parents=True)
+    data = data_lib.load_fashion_mnist(
+        tfds_data_dir=str(tmp_path / "tfds"), debian_dir=idx_dir)
+    assert data.source == f"idx:{idx_dir}"
+    assert len(data.x_train) == 200
+
+
+def test_missing_dataset_gives_one_clear_error(tmp_path):
+    with pytest.raises(data_lib.DatasetNotFoundError) as error:
+        data_lib.load_fashion_mnist(
+            tfds_data_dir=str(tmp_path / "tfds"), debian_dir=str(tmp_path / "none"))
+    message = str(error.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "--data_dir" in message
+    # A --data_dir without the files names what is missing, and both ways.
+    (tmp_path / "partial").mkdir()
+    with pytest.raises(data_lib.DatasetNotFoundError) as error:
+        data_lib.load_fashion_mnist(str(tmp_path / "partial"))
+    assert "train-images-idx3-ubyte" in str(error.value)
+    assert "apt-get install dataset-fashion-mnist" in str(error.value)
+
+
+def test_tfds_pipelines_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        train, test = data_lib.cifar10_datasets(4, image_size=16)
+        x, y = next(iter(train))
+        assert x.shape == (4, 16, 16, 3) and y.shape == (4,)
+        train, test = data_lib.imagenet_datasets(2, image_size=24, test_limit=3)
+        x, y = next(iter(train))
+        assert x.shape == (2, 24, 24, 3) and y.shape == (2, 1000)
+        assert sum(int(b[0].shape[0]) for b in test) == 3
+
+
+# ---------------------------------------------------------------------------
+# Fashion-MNIST scripts
+# ---------------------------------------------------------------------------
+
+
+def test_mlp_every_method_end_to_end(idx_dir, tmp_path):
+    data = data_lib.load_fashion_mnist(idx_dir)
+    for method in ("dense", "static", "snip", "set", "snfs", "rigl", "prune", "small_dense"):
+        out = tmp_path / method
+        results = fashion_mnist_mlp.run(
+            tiny_mnist(method=method, sparsity=0.9, output_dir=str(out)), data=data)
+        saved = json.loads((out / "results.json").read_text())
+        assert REQUIRED_KEYS <= set(saved), method
+        assert saved["method"] == method
+        assert saved["steps"] == 4  # 200 rows / batch 50, one epoch
+        assert 0.0 <= saved["test_accuracy"] <= 1.0
+        if method == "dense":
+            assert saved["measured_sparsity"] == 0.0
+            assert saved["inference_flops_ratio"] == saved["training_flops_ratio"] == 1.0
+        elif method == "small_dense":
+            assert saved["measured_sparsity"] == pytest.approx(0.9, abs=0.01)
+            assert saved["inference_flops_ratio"] == pytest.approx(0.1, abs=0.01)
+        else:
+            # LeNet-300-100's Dense layers all have one output position, so
+            # inference FLOPs are exactly the density.
+            assert saved["measured_sparsity"] == pytest.approx(0.9, abs=1e-4), method
+            assert saved["inference_flops_ratio"] == pytest.approx(0.1, abs=1e-4)
+        if method == "rigl":
+            assert saved["mask_updates"] >= 1
+            assert saved["training_flops_ratio"] > saved["inference_flops_ratio"]
+            assert (out / "connectivity.npz").exists()
+        if method == "snfs":  # 2 f_S + f_D per step
+            assert saved["training_flops_ratio"] == pytest.approx((2 * 0.1 + 1) / 3, abs=1e-3)
+        if method == "prune":  # dense at first, so between sparse and dense cost
+            assert 0.1 < saved["training_flops_ratio"] < 1.0
+        assert results["test_accuracy"] == saved["test_accuracy"]
+
+
+def test_multiplier_scales_steps_and_training_flops(idx_dir):
+    data = data_lib.load_fashion_mnist(idx_dir)
+    results = fashion_mnist_mlp.run(tiny_mnist(method="static", multiplier=1.5), data=data)
+    assert results["steps"] == 6  # 1 epoch × 1.5 × 4 steps
+    assert results["training_flops_ratio"] == pytest.approx(1.5 * 0.1, abs=1e-4)
+
+
+def test_cnn_end_to_end(idx_dir, tmp_path):
+    results = fashion_mnist_cnn.run(
+        tiny_mnist(method="rigl", output_dir=str(tmp_path)), data_lib.load_fashion_mnist(idx_dir))
+    assert results["model"] == "cnn" and results["script"] == "fashion_mnist_cnn"
+    assert results["measured_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    # Convolutions reuse weights at many positions: ERK keeps them denser.
+    assert results["inference_flops_ratio"] > 0.1
+    assert REQUIRED_KEYS <= set(json.loads((tmp_path / "results.json").read_text()))
+
+
+def test_mlp_script_runs_as_a_program(idx_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, os.path.join("examples", "fashion_mnist_mlp.py"), "--method=set",
+        "--sparsity=0.8", f"--data_dir={idx_dir}", "--epochs=1", "--batch_size=100",
+        "--delta_t=1", f"--output_dir={out}", "--seed=3",
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test accuracy" in done.stdout and "training FLOPs" in done.stdout
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["method"] == "set" and saved["seed"] == 3 and saved["sparsity"] == 0.8
+
+
+def test_flags_of_every_script_map_to_configs():
+    cases = [
+        (fashion_mnist_mlp, fashion_mnist.Config, ["--method=snfs", "--multiplier=2"],
+         dict(method="snfs", multiplier=2.0, batch_size=100, learning_rate=0.1,
+              weight_decay=1e-4, delta_t=100, alpha=0.3)),
+        (fashion_mnist_cnn, fashion_mnist.Config, ["--train_limit=7"], dict(train_limit=7)),
+        (cifar10_wrn, cifar10_wrn.Config, ["--lr_drop_steps=1,2"],
+         dict(batch_size=128, learning_rate=0.1, weight_decay=5e-4, train_steps=97656,
+              end_step=75000, lr_drop_steps=["1", "2"])),
+        (imagenet_resnet50, imagenet_resnet50.Config, ["--strategy=mirrored"],
+         dict(batch_size=4096, learning_rate=1.6, label_smoothing=0.1, weight_decay=1e-4,
+              strategy="mirrored", distribution="uniform")),
+    ]
+    for module, config_class, argv, expected in cases:
+        flag_values = flags.FlagValues()
+        module.define_flags(flag_values)
+        flag_values(["prog"] + argv)
+        config = common.config_from_flags(config_class, flag_values)
+        for key, value in expected.items():
+            assert getattr(config, key) == value, (module.__name__, key)
+    sweep_flags = flags.FlagValues()
+    reproduce.define_flags(sweep_flags)
+    sweep_flags(["prog", "--methods=rigl,set", "--sparsities=0.5,0.7"])
+    config = reproduce.config_from_flags(sweep_flags)
+    assert config.methods == ("rigl", "set") and config.sparsities == (0.5, 0.7)
+    quick_flags = flags.FlagValues()
+    reproduce.define_flags(quick_flags)
+    quick_flags(["prog", "--quick", "--seeds=1"])
+    quick = reproduce.config_from_flags(quick_flags)
+    assert quick.methods == ("dense", "static", "set", "rigl") and quick.epochs == 5
+    assert quick.sparsities == (0.9, 0.98) and quick.plot_connectivity
+    assert quick.seeds == 1  # given explicitly: wins over the preset
+    default = reproduce.SweepConfig()
+    assert len(default.methods) == 8 and default.sparsities == (0.8, 0.9, 0.95, 0.98)
+    assert default.seeds == 3
+
+
+# ---------------------------------------------------------------------------
+# reproduce.py
+# ---------------------------------------------------------------------------
+
+
+def test_reproduce_writes_everything_and_resumes(idx_dir, tmp_path):
+    config = reproduce.SweepConfig(
+        methods=("dense", "static", "rigl"), sparsities=(0.9,), seeds=1, epochs=1,
+        batch_size=50, learning_rate=0.05, delta_t=2, output_dir=str(tmp_path / "sweep"),
+        data_dir=idx_dir, plot_connectivity=True,
+    )
+    lines = []
+    first = reproduce.sweep(config, log=lines.append)
+    assert first["new_runs"] == 3
+    assert any("ETA" in line for line in lines)
+    for name in ("results.csv", "results.md", "accuracy_vs_sparsity.png",
+                 "accuracy_vs_training_flops.png", "connectivity.png"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 0, name
+    with open(tmp_path / "sweep" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["method"] for r in rows) == ["dense", "rigl", "static"]
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| RigL |" in table and "| Dense |" in table and "S=0.9 acc" in table
+
+    # Second invocation: nothing is trained again.
+    def must_not_run(run_config):
+        raise AssertionError(f"run {run_config.method} was redone")
+
+    second = reproduce.sweep(config, run_fn=must_not_run, log=lambda line: None)
+    assert second["new_runs"] == 0
+    assert [r["test_accuracy"] for r in second["rows"]] == pytest.approx(
+        [r["test_accuracy"] for r in first["rows"]])
+
+    # Without the CSV, the per-run results.json files are enough to resume.
+    os.remove(tmp_path / "sweep" / "results.csv")
+    third = reproduce.sweep(config, run_fn=must_not_run, log=lambda line: None)
+    assert third["new_runs"] == 0
+    assert (tmp_path / "sweep" / "results.csv").exists()
+
+    # A new sparsity only runs the new cells.
+    bigger = dataclasses.replace(config, sparsities=(0.9, 0.95))
+    fake = lambda run_config: {  # noqa: E731
+        "method": run_config.method, "sparsity": run_config.sparsity, "seed": run_config.seed,
+        "test_accuracy": 0.5, "training_flops_ratio": 0.05, "inference_flops_ratio": 0.05,
+        "measured_sparsity": run_config.sparsity, "wall_time_s": 0.0, "steps": 4}
+    fourth = reproduce.sweep(bigger, run_fn=fake, log=lambda line: None)
+    assert fourth["new_runs"] == 2  # static and rigl at 0.95
+
+
+def test_reproduce_plan_trains_dense_once_per_seed():
+    config = reproduce.SweepConfig(methods=("dense", "rigl"), sparsities=(0.8, 0.9), seeds=2)
+    runs = reproduce.plan(config)
+    assert len(runs) == 2 * (1 + 2)
+    assert sum(r.method == "dense" for r in runs) == 2
+    with pytest.raises(ValueError, match="Unknown methods"):
+        reproduce.plan(dataclasses.replace(config, methods=("magic",)))
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10 and ImageNet (TFDS mock data)
+# ---------------------------------------------------------------------------
+
+
+def test_cifar10_wrn_with_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8):
+        results = cifar10_wrn.run(
+            method="rigl", sparsity=0.8, batch_size=4, image_size=8, wrn_depth=10,
+            train_steps=4, end_step=3, delta_t=2, lr_drop_steps="2", steps_per_epoch=2,
+            test_limit=4, verbose=0, output_dir=str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert REQUIRED_KEYS <= set(saved)
+    assert saved["steps"] == 4 and saved["model"] == "wrn_10_2"
+    assert saved["measured_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert results["data_source"] == "tfds:cifar10"
+
+
+def test_cifar10_schedule_scales_with_multiplier():
+    steps = cifar10_wrn.schedule_steps(cifar10_wrn.Config(multiplier=2.0))
+    assert steps["total"] == 2 * 97656 and steps["end"] == 150000
+    assert steps["boundaries"] == [60000, 120000, 180000]
+    assert (steps["prune_begin"], steps["prune_end"]) == (40000, 150000)
+    assert cifar10_wrn.schedule_steps(cifar10_wrn.Config(max_steps=10))["run"] == 10
+    model = cifar10_wrn.wide_resnet(22, 2)
+    assert model.count_params() == pytest.approx(1.1e6, rel=0.1)  # WRN-22-2
+
+
+def test_imagenet_resnet_with_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8):
+        results = imagenet_resnet50.run(
+            method="set", sparsity=0.8, batch_size=2, image_size=32, resnet_blocks="1,1,1,1",
+            resnet_width=0.25, train_steps=3, end_step=2, delta_t=1, warmup_epochs=1,
+            lr_drop_epochs="1", num_train_examples=4, test_limit=2, verbose=0,
+            strategy="mirrored", output_dir=str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert REQUIRED_KEYS <= set(saved) and "top5_accuracy" in saved
+    assert saved["steps"] == 3 and saved["model"] == "resnet14"
+    assert saved["strategy"] == "mirrored"
+    # Uniform keeps the first layer dense: measured sparsity is a bit below S.
+    assert 0.7 < saved["measured_sparsity"] < 0.8
+    assert results["inference_flops_ratio"] > 0.2
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return imagenet_resnet50.resnet()
+
+
+def test_imagenet_recipe(resnet50):
+    config = imagenet_resnet50.Config()
+    steps = imagenet_resnet50.schedule_steps(config)
+    per_epoch = 1281167 / 4096
+    assert steps["total"] == 32000 and steps["end"] == 25000
+    assert (steps["prune_begin"], steps["prune_end"], steps["prune_frequency"]) == (
+        10000, 25000, 1000)
+    assert steps["warmup"] == round(5 * per_epoch)
+    assert steps["boundaries"] == [round(e * per_epoch) for e in (30, 70, 90)]
+    doubled = imagenet_resnet50.schedule_steps(dataclasses.replace(config, multiplier=2.0))
+    assert doubled["total"] == 64000 and doubled["end"] == 50000
+    assert doubled["boundaries"] == [round(2 * e * per_epoch) for e in (30, 70, 90)]
+    half_batch = imagenet_resnet50.schedule_steps(dataclasses.replace(config, batch_size=2048))
+    assert half_batch["total"] == 64000 and half_batch["warmup"] == round(5 * 2 * per_epoch)
+
+    schedule = imagenet_resnet50.WarmupStepDecay(1.6, 100, [200, 300], 0.1)
+    lr = [float(schedule(s)) for s in (0, 50, 100, 250, 350)]
+    assert lr == pytest.approx([0.0, 0.8, 1.6, 0.16, 0.016])
+    assert resnet50.count_params() == 25610152  # ResNet-50
+
+
+def test_flops_adapter_matches_paper_for_resnet50(resnet50):
+    import rigl_keras
+
+    model = resnet50
+    uniform = common.flops_ratios(rigl_keras.sparsify(model, 0.8, "uniform"), "static")
+    erk = common.flops_ratios(rigl_keras.sparsify(model, 0.8, "erk"), "rigl")
+    # Paper, Figure 2-left: 0.23x (uniform) and 0.42x (ERK) at S = 0.8.
+    assert uniform["inference_flops_ratio"] == pytest.approx(0.23, abs=0.01)
+    assert erk["inference_flops_ratio"] == pytest.approx(0.42, abs=0.01)
+    with pytest.raises(ValueError, match="dense_model"):
+        common.flops_ratios(model, "small_dense")
