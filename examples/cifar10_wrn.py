@@ -187,10 +187,6 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity.", flag_values=fv)
 
 
-def _scaled(step: int, multiplier: float) -> int:
-    return int(round(step * multiplier))
-
-
 def schedule_steps(config: Config) -> dict:
     """Every step count of the run, scaled by M.
 
@@ -199,15 +195,15 @@ def schedule_steps(config: Config) -> dict:
       optimizer steps; "run" is "total" cut at --max_steps.
     """
     m = config.multiplier
-    total = max(1, _scaled(config.train_steps, m))
-    prune_begin = _scaled(config.prune_begin_step, m)
+    total = max(1, common.scaled_step(config.train_steps, m))
+    prune_begin = common.scaled_step(config.prune_begin_step, m)
     return {
         "total": total,
         "run": min(total, config.max_steps) if config.max_steps else total,
-        "end": max(1, _scaled(config.end_step, m)),
+        "end": max(1, common.scaled_step(config.end_step, m)),
         "prune_begin": prune_begin,
-        "prune_end": max(prune_begin + 1, _scaled(config.prune_end_step, m)),
-        "boundaries": [_scaled(s, m) for s in common.parse_ints(config.lr_drop_steps)],
+        "prune_end": max(prune_begin + 1, common.scaled_step(config.prune_end_step, m)),
+        "boundaries": [common.scaled_step(s, m) for s in common.parse_ints(config.lr_drop_steps)],
     }
 
 

@@ -326,6 +326,11 @@ class Timer:
         return time.time() - self.start
 
 
+def scaled_step(step: float, multiplier: float) -> int:
+    """A schedule anchor (in steps at M = 1) scaled by the training multiplier M."""
+    return int(round(step * multiplier))
+
+
 def steps_for(epochs: float, multiplier: float, steps_per_epoch: int) -> int:
     """round(epochs × M × steps per epoch), at least 1."""
     return max(1, int(round(float(epochs) * float(multiplier) * steps_per_epoch)))

@@ -226,10 +226,6 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity.", flag_values=fv)
 
 
-def _scaled(step: float, multiplier: float) -> int:
-    return int(round(step * multiplier))
-
-
 def schedule_steps(config: Config) -> dict:
     """Every step count of the run, at the configured batch size and M.
 
@@ -240,20 +236,20 @@ def schedule_steps(config: Config) -> dict:
     per_batch = REFERENCE_BATCH / config.batch_size
     m = config.multiplier
     train_steps = config.train_steps or round(32000 * per_batch)
-    total = max(1, _scaled(train_steps, m))
+    total = max(1, common.scaled_step(train_steps, m))
     steps_per_epoch = config.num_train_examples / config.batch_size
     # The paper's pruning window: steps 10k–25k of 32k, every 1k.
     prune_begin = config.prune_begin_step or round(train_steps * 10 / 32)
     prune_end = config.prune_end_step or round(train_steps * 25 / 32)
     return {
         "total": total,
-        "end": max(1, _scaled(config.end_step or round(25000 * per_batch), m)),
-        "prune_begin": _scaled(prune_begin, m),
-        "prune_end": max(_scaled(prune_begin, m) + 1, _scaled(prune_end, m)),
+        "end": max(1, common.scaled_step(config.end_step or round(25000 * per_batch), m)),
+        "prune_begin": common.scaled_step(prune_begin, m),
+        "prune_end": max(common.scaled_step(prune_begin, m) + 1, common.scaled_step(prune_end, m)),
         "prune_frequency": max(1, config.prune_frequency or round(train_steps / 32)),
         "steps_per_epoch": steps_per_epoch,
-        "warmup": _scaled(config.warmup_epochs * steps_per_epoch, m),
-        "boundaries": [_scaled(e * steps_per_epoch, m)
+        "warmup": common.scaled_step(config.warmup_epochs * steps_per_epoch, m),
+        "boundaries": [common.scaled_step(e * steps_per_epoch, m)
                        for e in common.parse_floats(config.lr_drop_epochs)],
     }
 
