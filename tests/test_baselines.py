@@ -286,7 +286,8 @@ for step in range(0, 260):
     if bool(should) != (ours.is_prune_step(step) and (step - 10) % 20 == 0) or abs(float(value) - ours.sparsity(step)) > 1e-6:
         bad.append(step)
 cb = MagnitudePruningCallback(s)
-print(json.dumps({"bad": bad, "config": cb.get_config()}))
+constant = MagnitudePruningCallback(tfmot.sparsity.keras.ConstantSparsity(0.6, begin_step=5, frequency=7))
+print(json.dumps({"bad": bad, "config": cb.get_config(), "constant": constant.get_config()}))
 """
 
 
@@ -301,3 +302,6 @@ def test_schedule_equals_tfmot_polynomial_decay():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["bad"] == []
     assert report["config"]["final_sparsity"] == 0.9 and report["config"]["exponent"] == 3
+    constant = report["constant"]
+    assert constant["final_sparsity"] == constant["initial_sparsity"] == 0.6
+    assert constant["begin_step"] == 5 and constant["frequency"] == 7
