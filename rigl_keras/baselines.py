@@ -173,8 +173,7 @@ class SNFSCallback(RigLCallback):
     def update(self, step, logs=None):
         if not self.redistribute:
             return super().update(step, logs)
-        end = self._end if self._end is not None else self.schedule.end(self.total_steps)
-        fraction = self.schedule.drop_fraction(step, end)
+        fraction = self.drop_fraction(step)
         layers = self.masked_layers
         scores = self.grow_scores(step)
         usable = [engine.scores_are_finite(l, s) for l, s in zip(layers, scores)]

@@ -329,6 +329,11 @@ class DynamicSparseCallback(SparseTrainingCallback):
         self._end = self.schedule.end(self.total_steps)
         super().on_train_begin(logs)
 
+    def drop_fraction(self, step: int) -> float:
+        """f_decay(step) under this fit's T_end."""
+        end = self._end if self._end is not None else self.schedule.end(self.total_steps)
+        return self.schedule.drop_fraction(step, end)
+
     def grow_scores(self, step: int) -> list:
         """One score tensor per masked layer; larger means grow first."""
         raise NotImplementedError
@@ -347,8 +352,7 @@ class DynamicSparseCallback(SparseTrainingCallback):
         Returns:
           One `engine.UpdateResult` per masked layer.
         """
-        end = self._end if self._end is not None else self.schedule.end(self.total_steps)
-        fraction = self.schedule.drop_fraction(step, end)
+        fraction = self.drop_fraction(step)
         scores = self.grow_scores(step)
         results = [
             engine.drop_grow(
