@@ -281,11 +281,7 @@ def run(config: Config | None = None, **overrides) -> dict:
 
 def main(argv):
     del argv  # unused
-    config = common.config_from_flags(Config, flags.FLAGS)
-    results = run(config)
-    print(common.format_results(results))
-    if config.output_dir:
-        print(f"results written to {config.output_dir}/results.json")
+    common.run_and_report(Config, run)
 
 
 if __name__ == "__main__":

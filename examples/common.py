@@ -299,6 +299,27 @@ def read_results(path: str) -> dict | None:
         return None
 
 
+def run_and_report(config_class, run, flag_values=None) -> dict:
+    """A script's main: builds its config from flags, runs it, prints the results.
+
+    Args:
+      config_class: the script's `Config` dataclass.
+      run: the script's `run(config) -> results` function.
+      flag_values: absl flag values (default: the global FLAGS).
+
+    Returns:
+      The results dict.
+    """
+    from absl import flags as absl_flags
+
+    config = config_from_flags(config_class, flag_values or absl_flags.FLAGS)
+    results = run(config)
+    print(format_results(results))
+    if config.output_dir:
+        print(f"results written to {config.output_dir}/results.json")
+    return results
+
+
 def format_results(results: dict) -> str:
     """A short human-readable summary of a results dict."""
     lines = [

@@ -331,12 +331,8 @@ def run(config: Config | None = None, **overrides) -> dict:
 
 def main(argv):
     del argv  # unused
-    config = common.config_from_flags(Config, flags.FLAGS)
-    results = run(config)
-    print(common.format_results(results))
+    results = common.run_and_report(Config, run)
     print(f"top-5 accuracy       {results['top5_accuracy']:.4f}")
-    if config.output_dir:
-        print(f"results written to {config.output_dir}/results.json")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ def _take_rows(array, rows):
     return ops.take(array, ops.convert_to_tensor(rows), axis=0)
 
 
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`grow_batch_size` must be an int >= 1; got {batch_size!r}.")
+    return batch_size
+
+
 class GrowData:
     """A source of training batches for growth gradients.
 
@@ -72,9 +78,7 @@ class GrowData:
     """
 
     def __init__(self, data, batch_size: int = 128, seed: int = 0):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`grow_batch_size` must be an int >= 1; got {batch_size!r}.")
-        self.batch_size = batch_size
+        self.batch_size = _check_batch_size(batch_size)
         self.seed = seed
         self._iterator = None
         self._arrays = None
@@ -420,10 +424,8 @@ class RigLCallback(DynamicSparseCallback):
             delta_t, alpha, end_step, decay,
             begin_step=begin_step, seed=seed, check_invariants=check_invariants,
         )
-        self.grow_batch_size = grow_batch_size
+        self.grow_batch_size = _check_batch_size(grow_batch_size)
         self.grow_data = None if grow_data is None else GrowData(grow_data, grow_batch_size, seed)
-        if grow_data is None:
-            GrowData((np.zeros((1, 1)), np.zeros((1,))), grow_batch_size)  # validates the size
 
     def get_config(self) -> dict:
         config = super().get_config()
