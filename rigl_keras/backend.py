@@ -1,59 +1,77 @@
-"""The only backend-specific code: applying masks and dense gradients of masked kernels.
+"""The only backend-specific code: how a mask is applied, and dense gradients on a side batch.
 
-RigL grows where |∂L/∂W_eff| is largest, W_eff being the masked kernel. The
-gradient with respect to the stored kernel is zero wherever the mask is zero,
-so it cannot be used; instead the model is called statelessly with each mask
-replaced by ones and each kernel by its masked value, and differentiated with
-respect to those values. One forward and one backward pass give the dense
-gradient of every masked layer; no variable (BatchNorm statistics, RNG
-seeds, metrics) is changed.
-
-TensorFlow and JAX are supported; other backends raise NotImplementedError.
+Everything else in rigl_keras is `keras.ops`. The training step's own dense
+gradient needs no backend code at all: it is captured by the masked weight's
+G variable (`rigl_keras.layers`). `dense_gradients` is the optional side
+channel (`grow_data`, as the official TF2 port of RigL does): one stateless
+forward/backward pass on a given batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
-__all__ = ["apply_mask", "dense_kernel_gradients", "gradient_function", "creation_scope"]
+__all__ = ["apply_mask", "masked_value", "dense_gradients", "gradient_function", "creation_scope"]
 
 
-def apply_mask(kernel, mask):
-    """`kernel` where `mask` is non-zero, else exactly 0, forward and backward.
+def _value(variable):
+    # JAX cannot trace a Keras variable inside ops.where: read its value.
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def apply_mask(weight, mask):
+    """`weight` where `mask` is non-zero, else exactly 0, forward and backward.
 
     A NaN or Inf stored (or back-propagated) outside the mask never passes:
     on TensorFlow `multiply_no_nan` does this at the cost of a multiply (a
     select measured ~20% slower per step on CPU); elsewhere a select.
     """
+    weight, mask = _value(weight), _value(mask)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        kernel = tf.convert_to_tensor(kernel)  # applies mixed-precision autocast
-        return tf.math.multiply_no_nan(kernel, tf.cast(mask, kernel.dtype))
-    return ops.where(ops.cast(mask, "bool"), kernel, 0)
+        weight = tf.convert_to_tensor(weight)
+        return tf.math.multiply_no_nan(weight, tf.cast(mask, weight.dtype))
+    return ops.where(ops.not_equal(mask, 0), weight, ops.zeros_like(weight))
 
 
-def _substituted_values(model, layers, effective):
-    """Trainable and non-trainable value lists with kernels and masks swapped."""
-    kernel_index = {id(layer.raw_kernel): i for i, layer in enumerate(layers)}
-    mask_ids = {id(layer.mask) for layer in layers}
+def masked_value(weight, mask, grad=None):
+    """The effective weight `apply_mask(weight, mask) + (G − stop_gradient(G))`.
+
+    The second term is 0 in the forward pass and routes ∂L/∂W_eff into G,
+    which the optimizer then overwrites with it. A non-finite G (from a
+    skipped loss-scaled step) is read as 0 so it cannot poison the forward pass.
+    """
+    effective = apply_mask(weight, mask)
+    if grad is None:
+        return effective
+    g = ops.cast(_value(grad), effective.dtype)
+    g = ops.where(ops.isfinite(g), g, ops.zeros_like(g))
+    return effective + (g - ops.stop_gradient(g))
+
+
+def _substituted_values(model, weights, effective):
+    """Trainable and non-trainable value lists with masked weights swapped for free ones."""
+    index = {id(w.variable): i for i, w in enumerate(weights)}
+    masks = {id(w.mask) for w in weights}
     trainable = [
-        effective[kernel_index[id(v)]] if id(v) in kernel_index else v.value
+        effective[index[id(v)]] if id(v) in index else v.value
         for v in model.trainable_variables
     ]
     non_trainable = [
-        ops.ones_like(v.value) if id(v) in mask_ids else v.value
+        ops.ones_like(v.value) if id(v) in masks else v.value
         for v in model.non_trainable_variables
     ]
     return trainable, non_trainable
 
 
-def _loss(model, layers, effective, x, y, sample_weight):
-    trainable, non_trainable = _substituted_values(model, layers, effective)
-    y_pred, non_trainable = model.stateless_call(
-        trainable, non_trainable, x, training=True
-    )
+def _loss(model, weights, effective, x, y, sample_weight):
+    trainable, non_trainable = _substituted_values(model, weights, effective)
+    kwargs = {"training": True} if _accepts_training(model) else {}
+    y_pred, non_trainable = model.stateless_call(trainable, non_trainable, x, **kwargs)
     metrics = [v.value for v in model.metrics_variables]
     loss, _ = model.stateless_compute_loss(
         trainable, non_trainable, metrics, x, y, y_pred, sample_weight, training=True
@@ -61,71 +79,79 @@ def _loss(model, layers, effective, x, y, sample_weight):
     return loss
 
 
-def _effective_kernels(layers):
-    return [apply_mask(layer.raw_kernel, layer.mask) for layer in layers]
+def _accepts_training(model) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.call).parameters
+    except (TypeError, ValueError):
+        return True
+    return "training" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
-def dense_kernel_gradients(model, layers, data) -> list:
-    """∂L/∂W_eff for every layer in `layers`, on one batch.
+def dense_gradients(model, weights, data) -> list:
+    """∂L/∂W_eff of every masked weight on one batch, by a stateless pass.
+
+    Each mask is replaced by ones and each weight by its masked value, so the
+    gradient is dense; no variable (BatchNorm statistics, RNG state, metrics)
+    changes.
 
     Args:
-      model: a compiled Keras model containing `layers`.
-      layers: masked layers of `model`.
+      model: a compiled Keras model.
+      weights: `MaskedWeight`s of `model`.
       data: a batch `(x, y)` or `(x, y, sample_weight)`.
 
     Returns:
-      One gradient tensor per layer, of its kernel's shape.
+      One gradient tensor per weight, of its shape.
 
     Raises:
-      NotImplementedError: on a backend other than TensorFlow or JAX.
       ValueError: if the model is not compiled with a loss.
     """
     if getattr(model, "compiled_loss", None) is None and getattr(model, "loss", None) is None:
         raise ValueError("The model must be compiled with a loss to compute growth gradients.")
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
+    name = keras.backend.backend()
+    effective = [w.effective() for w in weights]
+    if name == "tensorflow":
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            effective = _effective_kernels(layers)
             tape.watch(effective)
-            loss = _loss(model, layers, effective, x, y, sample_weight)
+            loss = _loss(model, weights, effective, x, y, sample_weight)
         return tape.gradient(loss, effective)
-    if backend == "jax":
+    if name == "jax":
         import jax
 
-        def loss_fn(effective):
-            return _loss(model, layers, effective, x, y, sample_weight)
+        return jax.grad(lambda e: _loss(model, weights, e, x, y, sample_weight))(effective)
+    if name == "torch":
+        import torch
 
-        return jax.grad(loss_fn)(_effective_kernels(layers))
+        effective = [e.detach().requires_grad_(True) for e in effective]
+        with torch.enable_grad():
+            loss = _loss(model, weights, effective, x, y, sample_weight)
+            return list(torch.autograd.grad(loss, effective, allow_unused=True))
     raise NotImplementedError(
-        f"Growth gradients are not implemented for the {backend!r} backend yet; "
-        "use TensorFlow or JAX, or a method that needs no gradient (SET, static)."
+        f"Gradients on a side batch (`grow_data`) are not implemented for the "
+        f"{name!r} backend; use the captured training gradients (no `grow_data`)."
     )
 
 
-def gradient_function(model, layers):
-    """A reusable `data -> dense_kernel_gradients(model, layers, data)`.
+def gradient_function(model, weights):
+    """A reusable `data -> dense_gradients(model, weights, data)`.
 
-    On TensorFlow the computation is traced once into a graph (variables are
-    read by reference, so it sees every later mask and weight), which keeps
-    a RigL update, and SNFS's every-step gradient, cheap.
-
-    Args:
-      model: a compiled Keras model containing `layers`.
-      layers: masked layers of `model`.
-
-    Returns:
-      A function of one batch returning one gradient tensor per layer.
+    On TensorFlow the pass is traced once into a graph (variables are read by
+    reference, so it sees later masks and weights). Rebuild it when the model
+    is recompiled: the loss is traced in.
     """
     if keras.backend.backend() != "tensorflow":
-        return lambda data: dense_kernel_gradients(model, layers, data)
+        return lambda data: dense_gradients(model, weights, data)
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def compiled(data):
-        return dense_kernel_gradients(model, layers, data)
+        return dense_gradients(model, weights, data)
 
     def call(data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -139,6 +165,4 @@ def creation_scope(model):
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is not None and keras.backend.backend() == "tensorflow":
         return strategy.scope()
-    import contextlib
-
     return contextlib.nullcontext()

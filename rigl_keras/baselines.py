@@ -28,7 +28,7 @@ from rigl_keras import backend as gradients_backend
 from rigl_keras import distributions, engine, schedules
 from rigl_keras.callbacks import (
     DynamicSparseCallback,
-    GrowData,
+    GradientSource,
     RigLCallback,
     SparseTrainingCallback,
 )
@@ -96,25 +96,30 @@ class SETCallback(DynamicSparseCallback):
 
     def grow_scores(self, step):
         return [
-            keras.random.uniform(tuple(layer.mask.shape), seed=self.layer_seed(step, i))
-            for i, layer in enumerate(self.masked_layers)
+            keras.random.uniform(w.shape, seed=self.layer_seed(step, i))
+            for i, w in enumerate(self.masked_weights)
         ]
 
 
 class SNFSCallback(RigLCallback):
     """SNFS (Dettmers & Zettlemoyer 2019): grow where the momentum of dense gradients is largest.
 
-    After every optimizer step the dense gradient of each masked kernel (on a
-    batch from `grow_data`) updates an exponential moving average
-    m ← β·m + (1 − β)·g, stored in the layer (`grow_momentum`) so that
-    checkpoints carry it. Every ΔT steps the smallest-|w| connections are
-    dropped and the same number grown where |m| is largest. This dense
-    gradient at every step is SNFS's real extra cost (2·f_S + f_D per step).
+    After every optimizer step the dense gradient of each masked weight
+    updates an exponential moving average m ← β·m + (1 − β)·g, stored with
+    the layer (`MaskedWeight.momentum`) so that checkpoints carry it. By
+    default g is the gradient the training step captured (no extra pass:
+    SNFS's cost is the dense backward of the step, 2·f_S + f_D); with
+    `grow_data` it comes from a drawn batch (an extra pass per step). A
+    non-finite gradient is skipped for that step, never stored. Every ΔT steps
+    the smallest-|w| connections are dropped and the same number grown where
+    |m| is largest.
 
-    With `redistribute=True`, the connections dropped in all layers are
-    regrown across layers in proportion to each layer's mean |m| over its
-    active weights (as SNFS does), capped by each layer's free positions; the
-    total count stays exact, per-layer counts move.
+    With `redistribute=True`, the connections dropped in all weights are
+    regrown across weights in proportion to each one's mean |m| over its
+    active entries (as SNFS does), capped by its free positions; weights
+    that are dense (by the distribution, `dense_layers` or a custom sparsity
+    of 0) neither give nor take. The total count stays exact, per-weight
+    counts move.
 
     Args:
       delta_t: steps between updates (ΔT), >= 1.
@@ -122,7 +127,8 @@ class SNFSCallback(RigLCallback):
       end_step: last update step (exclusive): an int, or a float in (0, 1].
       decay: "cosine" or "constant".
       momentum: β in [0, 1).
-      grow_data: training data for the dense gradients (see `RigLCallback`).
+      grow_data: None (captured training gradients) or training data (see
+        `RigLCallback`).
       redistribute: move the budget between layers by mean momentum.
       seed: seed of the batch draws.
       grow_batch_size: rows drawn per step from an array tuple.
@@ -130,7 +136,9 @@ class SNFSCallback(RigLCallback):
       check_invariants: audit invariants after every update.
 
     Raises:
-      ValueError: for an argument out of range or no `grow_data` at train begin.
+      ValueError: for an argument out of range, or (at train begin) weights
+        without gradient capture and no `grow_data`, or
+        `steps_per_execution` > 1 with captured gradients.
     """
 
     def __init__(self, delta_t=100, alpha=0.3, end_step=0.75, decay="cosine",
@@ -152,45 +160,56 @@ class SNFSCallback(RigLCallback):
 
     def setup(self):
         super().setup()
+        if self.source.captured and int(getattr(self.model, "steps_per_execution", 1) or 1) > 1:
+            raise ValueError(
+                "SNFSCallback: the momentum needs every step's gradient, but with "
+                "steps_per_execution > 1 only the last step of each execution is seen. "
+                "Use steps_per_execution=1 or pass grow_data."
+            )
         with gradients_backend.creation_scope(self.model):
-            for layer in self.masked_layers:
-                layer.ensure_grow_momentum()
+            for w in self.masked_weights:
+                w.ensure_momentum()
 
     def next_event(self, step):
         return step + 1  # the momentum moves after every step
 
     def after_step(self, previous, step, logs):
-        grads = self._gradients(self.grow_data.batch(step))
+        grads = self.source.gradients(self.model, self.masked_weights, step)
         beta = self.momentum
-        for layer, grad in zip(self.masked_layers, grads):
-            m = layer.grow_momentum
-            m.assign(beta * m + (1.0 - beta) * ops.cast(grad, m.dtype))
+        for w, grad in zip(self.masked_weights, grads):
+            grad = ops.cast(grad, "float32")
+            if not bool(ops.all(ops.isfinite(grad))):
+                continue  # a non-finite batch is skipped, never stored
+            m = w.momentum
+            m.assign(beta * m.value + (1.0 - beta) * grad)
         super().after_step(previous, step, logs)
 
     def grow_scores(self, step):
-        return [ops.abs(layer.grow_momentum) for layer in self.masked_layers]
+        return [ops.abs(w.momentum.value) for w in self.masked_weights]
 
     def update(self, step, logs=None):
         if not self.redistribute:
             return super().update(step, logs)
         fraction = self.drop_fraction(step)
-        layers = self.masked_layers
+        weights = self.masked_weights
         scores = self.grow_scores(step)
-        usable = [engine.scores_are_finite(l, s) for l, s in zip(layers, scores)]
-        active = [engine.active_connections(l) for l in layers]
+        active = [engine.active_connections(w) for w in weights]
+        # Dense weights (by the distribution or the user) neither give nor take.
+        usable = [a < w.size and engine.scores_are_finite(w, s)
+                  for w, s, a in zip(weights, scores, active)]
         drops = [int(fraction * a) if ok else 0 for a, ok in zip(active, usable)]
-        sizes = [int(np.prod(l.mask.shape)) for l in layers]
-        capacity = [(n - (a - d)) if ok else 0 for n, a, d, ok in zip(sizes, active, drops, usable)]
-        weights = []
-        for layer, score, ok in zip(layers, scores, usable):
-            on = ops.not_equal(layer.mask, 0)
+        capacity = [(w.size - (a - d)) if ok else 0 for w, a, d, ok in zip(weights, active, drops, usable)]
+        means = []
+        for w, score, ok in zip(weights, scores, usable):
+            on = ops.not_equal(w.mask.value, 0)
             mean = ops.sum(ops.where(on, score, 0)) / ops.maximum(ops.sum(ops.cast(on, "float32")), 1.0)
-            weights.append(float(mean) if ok else 0.0)
-        grows = _allocate(sum(drops), weights, capacity)
+            means.append(float(mean) if ok else 0.0)
+        grows = _allocate(sum(drops), means, capacity)
+        optimizer = self.model.optimizer
         results = [
-            engine.drop_grow(l, d, s, self.optimizer_slots(l), n_grow=g)
-            if ok else engine.UpdateResult(l.name, a, 0, skipped=True)
-            for l, s, d, g, ok, a in zip(layers, scores, drops, grows, usable, active)
+            engine.drop_grow(w, d, s, self.optimizer_slots(w), n_grow=g, optimizer=optimizer)
+            if ok else engine.UpdateResult(w.name, a, 0, skipped=a < w.size)
+            for w, s, d, g, ok, a in zip(weights, scores, drops, grows, usable, active)
         ]
         self.record(logs if logs is not None else {}, fraction, results)
         return results
@@ -227,26 +246,34 @@ class SNIPCallback(SparseTrainingCallback):
     """SNIP (Lee et al. 2019): one-shot pruning at initialization by |g·w|.
 
     At the start of training (optimizer step 0 only; a resumed run keeps its
-    mask), every masked layer is made dense again (weights that `sparsify`
-    zeroed are re-drawn from the layer's kernel initializer), the connection
-    sensitivity |∂L/∂W · W| of the dense network is computed on one batch of
-    `grow_data`, and each layer keeps exactly its top (1 − s_l)·N_l
-    connections, s_l from the distribution. The mask is fixed afterwards.
+    mask), every masked weight is made dense again (entries that `sparsify`
+    zeroed are re-drawn from the layer's initializer) and its connection
+    sensitivity |∂L/∂W · W| at initialization is measured on one batch; each
+    weight then keeps exactly its top `active_count(N, s_l)` connections,
+    s_l from the distribution, and the mask is fixed afterwards.
+
+    The batch is, by default, the first training batch: its gradient is
+    captured by the first training step, after which the kept weights are
+    restored to their initial values and all optimizer state is reset, so
+    training proper starts from the pruned initialization at step 1. With
+    `grow_data`, a drawn batch is used before the first step instead.
 
     Args:
       sparsity: overall sparsity S in [0, 1).
       distribution: "uniform", "er" or "erk".
-      grow_data: training data for the sensitivity batch (see `RigLCallback`).
-      custom_sparsity: {layer name: sparsity} overrides.
-      dense_layers: names of layers to keep dense.
+      grow_data: None (the first training batch) or training data (see
+        `RigLCallback`).
+      custom_sparsity: {selector: sparsity} overrides.
+      dense_layers: selectors of weights to keep dense.
       seed: seed of the re-drawn weights and the batch draw.
       grow_batch_size: rows drawn from an array tuple.
-      erk_power_scale: exponent of the ER/ERK scale.
+      erk_power_scale: exponent of the ERK scale.
       check_invariants: audit invariants after the pruning.
 
     Raises:
-      ValueError: for a bad sparsity or distribution, or (at train begin) no
-        `grow_data` or a name that is not a masked layer.
+      ValueError: for a bad sparsity or distribution, or (at train begin) a
+        selector that matches no masked weight, or weights without gradient
+        capture and no `grow_data`.
     """
 
     keeps_counts = False
@@ -264,8 +291,9 @@ class SNIPCallback(SparseTrainingCallback):
         self.custom_sparsity = dict(custom_sparsity or {})
         self.dense_layers = list(dense_layers or [])
         self.erk_power_scale = erk_power_scale
-        self.grow_batch_size = grow_batch_size
-        self.grow_data = None if grow_data is None else GrowData(grow_data, grow_batch_size, seed)
+        self.source = GradientSource(grow_data, grow_batch_size, seed)
+        self.grow_batch_size = self.source.grow_batch_size
+        self._pending = None
 
     def get_config(self):
         config = super().get_config()
@@ -276,60 +304,86 @@ class SNIPCallback(SparseTrainingCallback):
         )
         return config
 
-    def on_train_begin(self, logs=None):
-        if self.grow_data is None:
-            raise ValueError(
-                "SNIPCallback needs `grow_data` (e.g. grow_data=(x_train, y_train)) "
-                "to compute connection sensitivities."
-            )
-        super().on_train_begin(logs)
-
     def setup(self):
-        model = self.model
+        self.source.check(type(self).__name__, self.model, self.masked_weights)
         sparsities = distributions.sparsity_distribution(
-            model, self.sparsity, self.distribution, custom_sparsity=self.custom_sparsity,
+            self.model, self.sparsity, self.distribution, custom_sparsity=self.custom_sparsity,
             dense_layers=self.dense_layers, erk_power_scale=self.erk_power_scale,
+            sparse_embeddings=True,
         )
+        self._pending = None
         if self.current_step() != 0:
             return  # resumed: the mask was chosen at step 0 and is restored
-        self.prune_at_initialization(sparsities)
+        initial = self._densify()
+        if self.source.captured:
+            self._pending = (sparsities, initial)  # pruned after the first step
+        else:
+            grads = self.source.gradients(self.model, self.masked_weights, 0)
+            self._prune(sparsities, initial, grads)
 
-    def prune_at_initialization(self, sparsities: Mapping[str, float]) -> None:
-        """Re-densifies the masked layers and keeps each layer's top |g·w|."""
-        layers = self.masked_layers
-        for index, layer in enumerate(layers):
-            initializer = keras.initializers.get(layer.kernel_initializer)
+    def _densify(self) -> list:
+        """Re-draws masked-out entries from the initializer; returns the dense initial values."""
+        values = []
+        for index, w in enumerate(self.masked_weights):
+            initializer = keras.initializers.get(
+                getattr(w.layer, f"{w.attribute}_initializer", None)
+                or getattr(w.layer, "kernel_initializer", "glorot_uniform")
+            )
             if hasattr(initializer, "seed"):
                 initializer = initializer.__class__.from_config(
                     {**initializer.get_config(), "seed": self.layer_seed(0, index)}
                 )
-            fresh = initializer(tuple(layer.raw_kernel.shape), dtype=layer.raw_kernel.dtype)
-            on = ops.not_equal(layer.mask, 0)
-            layer.raw_kernel.assign(ops.where(on, layer.raw_kernel, fresh))
-            layer.mask.assign(ops.ones_like(layer.mask))
-        grads = gradients_backend.dense_kernel_gradients(
-            self.model, layers, self.grow_data.batch(0)
-        )
+            fresh = initializer(w.shape, dtype=w.variable.dtype)
+            on = ops.not_equal(w.mask.value, 0)
+            w.variable.assign(ops.where(on, w.variable.value, fresh))
+            w.mask.assign(ops.ones_like(w.mask.value))
+            values.append(ops.convert_to_numpy(w.variable))
+        return values
+
+    def next_event(self, step):
+        return 1 if self._pending is not None and step < 1 else None
+
+    def after_step(self, previous, step, logs):
+        if self._pending is None:
+            return
+        sparsities, initial = self._pending
+        self._pending = None
+        grads = self.source.gradients(self.model, self.masked_weights, 0)
+        # Training proper starts from the pruned initialization: undo the
+        # dense first step everywhere (weights and every optimizer state).
+        for w, value in zip(self.masked_weights, initial):
+            w.variable.assign(value)
+        self._prune(sparsities, initial, grads)
+        optimizer = self.model.optimizer
+        for w in self.masked_weights:
+            for slot in self.optimizer_slots(w):
+                slot.assign(ops.full_like(slot.value, engine.slot_initial_value(optimizer, slot)))
+
+    def _prune(self, sparsities, initial, grads) -> None:
+        optimizer = self.model.optimizer
         results = []
-        for layer, grad in zip(layers, grads):
-            sensitivity = ops.abs(ops.multiply(grad, layer.raw_kernel))
-            n_keep = distributions.active_count(int(np.prod(layer.mask.shape)), sparsities[layer.name])
-            results.append(engine.prune(layer, n_keep, self.optimizer_slots(layer), score=sensitivity))
+        for w, value, grad in zip(self.masked_weights, initial, grads):
+            sensitivity = ops.abs(ops.multiply(ops.cast(grad, "float32"), ops.cast(value, "float32")))
+            n_keep = distributions.active_count(w.size, sparsities[w.name])
+            results.append(engine.prune(w, n_keep, self.optimizer_slots(w), score=sensitivity,
+                                        optimizer=optimizer))
         self.record({}, 0.0, results)
 
 
 class MagnitudePruningCallback(SparseTrainingCallback):
     """Gradual magnitude pruning (Zhu & Gupta 2018): dense to sparse.
 
-    Every `frequency` steps in [begin_step, end_step], each masked layer keeps
+    Every `frequency` steps in [begin_step, end_step], each masked weight keeps
     its round((1 − s_t)·N) largest-|w| connections, with
     s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(t_e − t_0))^exponent. Masks only
-    shrink; at `end_step` every layer is exactly at its final sparsity.
+    shrink; at `end_step` every weight is exactly at its final sparsity. A
+    float `final_sparsity` applies to every masked weight (uniform per layer,
+    as the official pruning runs and tfmot do).
     Start from a dense mask (`sparsify(model, 0.0)`).
 
     Args:
-      final_sparsity: s_f, a float in [0, 1) for every layer, a
-        {layer name: sparsity} map (e.g. from `sparsity_distribution`), or a
+      final_sparsity: s_f, a float in [0, 1) for every weight, a
+        {weight name: sparsity} map (e.g. from `sparsity_distribution`), or a
         tfmot `PolynomialDecay`/`ConstantSparsity` schedule (then the other
         schedule arguments are taken from it).
       begin_step: t_0, an int step or a float fraction of the fit's steps.
@@ -340,8 +394,8 @@ class MagnitudePruningCallback(SparseTrainingCallback):
       check_invariants: audit invariants after every pruning step.
 
     Raises:
-      ValueError: for an argument out of range, or (at train begin) a layer
-        map naming layers that are not masked.
+      ValueError: for an argument out of range, or (at train begin) a map
+        naming weights that are not masked.
     """
 
     keeps_counts = False
@@ -398,13 +452,13 @@ class MagnitudePruningCallback(SparseTrainingCallback):
         total = self.total_steps
         begin = schedules.resolve_step(self.begin_step, total, "begin_step")
         end = schedules.resolve_step(self.end_step, total, "end_step")
-        names = [layer.name for layer in self.masked_layers]
+        names = [w.name for w in self.masked_weights]
         if isinstance(self.final_sparsity, Mapping):
             unknown = sorted(set(self.final_sparsity) - set(names))
             if unknown:
                 raise ValueError(
-                    f"`final_sparsity` names layers that are not masked: {unknown}. "
-                    f"Masked layers: {names}."
+                    f"`final_sparsity` names weights that are not masked: {unknown}. "
+                    f"Masked weights: {names}."
                 )
             finals = {n: float(self.final_sparsity.get(n, 0.0)) for n in names}
         else:
@@ -412,7 +466,7 @@ class MagnitudePruningCallback(SparseTrainingCallback):
         self._schedules = {n: self._schedule_for(begin, end, finals[n]) for n in names}
 
     def sparsity_at(self, step: int) -> dict[str, float]:
-        """Target sparsity of every masked layer at `step` (after train begin)."""
+        """Target sparsity of every masked weight at `step` (after train begin)."""
         return {name: s.sparsity(step) for name, s in self._schedules.items()}
 
     def next_event(self, step):
@@ -426,14 +480,15 @@ class MagnitudePruningCallback(SparseTrainingCallback):
             self.prune(due, logs)
 
     def prune(self, step: int, logs: dict | None = None) -> list:
-        """Prunes every masked layer to its target sparsity at `step`."""
+        """Prunes every masked weight to its target sparsity at `step`."""
         results = []
-        for layer in self.masked_layers:
-            target = self._schedules[layer.name].sparsity(step)
-            n_keep = distributions.active_count(int(np.prod(layer.mask.shape)), target)
-            results.append(engine.prune(layer, n_keep, self.optimizer_slots(layer)))
+        optimizer = self.model.optimizer
+        for w in self.masked_weights:
+            target = self._schedules[w.name].sparsity(step)
+            n_keep = distributions.active_count(w.size, target)
+            results.append(engine.prune(w, n_keep, self.optimizer_slots(w), optimizer=optimizer))
         # Logged: the overall target sparsity of the masked kernels.
-        sizes = {l.name: int(np.prod(l.mask.shape)) for l in self.masked_layers}
+        sizes = {w.name: w.size for w in self.masked_weights}
         target = sum(self._schedules[n].sparsity(step) * sizes[n] for n in sizes) / sum(sizes.values())
         self.record(logs if logs is not None else {}, target, results)
         return results
@@ -466,7 +521,7 @@ def _from_tfmot_schedule(schedule):
 def small_dense_width(build_fn: Callable[[float], keras.Model], sparsity: float) -> float:
     """The width multiplier giving a dense model the parameters of the sparse one.
 
-    The sparse model is `build_fn(1.0)` with its maskable kernels at overall
+    The sparse model is `build_fn(1.0)` with its maskable weights at overall
     sparsity `sparsity` (every other parameter kept); the multiplier w is the
     one for which `build_fn(w).count_params()` is closest to that count
     (paper's Small-Dense rows).
@@ -482,11 +537,9 @@ def small_dense_width(build_fn: Callable[[float], keras.Model], sparsity: float)
     Raises:
       ValueError: for a sparsity outside [0, 1).
     """
-    from rigl_keras.layers import kernel_of, maskable_layers
-
     sparsity = distributions.validate_sparsity(sparsity)
     reference = build_fn(1.0)
-    kernels = sum(int(np.prod(kernel_of(l).shape)) for l in maskable_layers(reference))
+    kernels = sum(w.size for w in distributions.plan(reference)[0])
     target = reference.count_params() - kernels + (1.0 - sparsity) * kernels
     low, high = 1e-4, 1.0
     for _ in range(40):  # parameter count grows with width: bisect
@@ -504,18 +557,19 @@ class Method:
 
     Attributes:
       name: one of `METHODS`.
-      needs_grow_data: whether the method needs `grow_data` (gradients).
+      uses_gradients: whether the method reads dense gradients (the model is
+        then sparsified with gradient capture).
     """
 
     name: str
-    needs_grow_data: bool = False
+    uses_gradients: bool = False
 
     def build(
         self,
         build_fn: Callable[[float], keras.Model],
         sparsity: float,
         *,
-        distribution: str = "erk",
+        distribution: str | None = None,
         seed: int = 0,
         delta_t: int = 100,
         alpha: float = 0.3,
@@ -531,10 +585,13 @@ class Method:
         Args:
           build_fn: width multiplier -> built dense Keras model.
           sparsity: overall sparsity S in [0, 1).
-          distribution: "uniform", "er" or "erk".
+          distribution: "uniform", "er" or "erk"; None means "erk" for the
+            sparse-from-scratch methods and, for pruning, S on every weight
+            (the official pruning runs).
           seed: seed of masks and of the method's randomness.
           delta_t, alpha, end_step, decay: the drop/grow schedule.
-          grow_data: training data for gradient-based methods.
+          grow_data: None (gradients of the training batches) or training
+            data for RigL, SNFS and SNIP (see `RigLCallback`).
           prune_begin_step, prune_end_step, prune_frequency: the pruning
             schedule (int steps or float fractions of the fit).
 
@@ -542,12 +599,9 @@ class Method:
           (model, callbacks).
 
         Raises:
-          ValueError: for bad arguments, or missing `grow_data` for a method
-            that needs it.
+          ValueError: for bad arguments.
         """
         sparsity = distributions.validate_sparsity(sparsity)
-        if self.needs_grow_data and grow_data is None:
-            raise ValueError(f"Method {self.name!r} needs `grow_data`.")
         schedule = dict(delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay, seed=seed)
         if self.name == "dense":
             return build_fn(1.0), []
@@ -555,11 +609,14 @@ class Method:
             return build_fn(small_dense_width(build_fn, sparsity)), []
         dense = build_fn(1.0)
         if self.name == "prune":
-            finals = distributions.sparsity_distribution(dense, sparsity, distribution)
-            model = sparsify(dense, 0.0, "uniform", seed=seed)
+            finals = (sparsity if distribution is None
+                      else distributions.sparsity_distribution(dense, sparsity, distribution))
+            model = sparsify(dense, 0.0, "uniform", seed=seed, capture_gradients=False)
             return model, [MagnitudePruningCallback(
                 finals, prune_begin_step, prune_end_step, prune_frequency)]
-        model = sparsify(dense, sparsity, distribution, seed=seed)
+        distribution = distribution or "erk"
+        model = sparsify(dense, sparsity, distribution, seed=seed,
+                         capture_gradients=self.uses_gradients and grow_data is None)
         if self.name == "static":
             return model, [StaticCallback()]
         if self.name == "snip":
@@ -573,7 +630,7 @@ class Method:
 
 #: Method names accepted by `get`.
 METHODS = ("dense", "static", "snip", "set", "snfs", "rigl", "prune", "small_dense")
-_NEEDS_DATA = {"snip", "snfs", "rigl"}
+_GRADIENTS = {"snip", "snfs", "rigl"}
 
 
 def get(name: str) -> Method:
@@ -591,4 +648,4 @@ def get(name: str) -> Method:
     key = str(name).lower().replace("-", "_")
     if key not in METHODS:
         raise ValueError(f"Unknown method {name!r}; choose one of {METHODS}.")
-    return Method(key, key in _NEEDS_DATA)
+    return Method(key, key in _GRADIENTS)

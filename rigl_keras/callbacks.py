@@ -5,17 +5,19 @@ logs, and can audit invariants; `DynamicSparseCallback` adds the drop/grow
 schedule and runs the engine; a method (RigL here, SET and SNFS in
 `rigl_keras.baselines`) only says where to grow.
 
-Growth gradients (RigL, SNFS) come from `grow_data`: Keras callbacks never
-see the batch being trained on, so, like the official TF2 port of RigL, the
-callback draws its own batch of training data at each update. Batches drawn
-from an `(x, y)` array tuple are keyed to the optimizer step, so a resumed
-run draws the same ones.
+Growth gradients (RigL, SNFS, SNIP) are, by default, the gradient of the
+batch being trained on: every masked weight captures ∂L/∂W_eff inside the
+compiled train step (`rigl_keras.layers`), as the paper and the official TF1
+code do. `grow_data` is the alternative of the official TF2 port: a batch of
+given training data drawn at each update (keyed to the optimizer step, so a
+resumed run draws the same ones), at the cost of one extra forward and
+backward pass per update.
 """
 
 from __future__ import annotations
 
 import collections.abc
-import math
+import warnings
 
 import keras
 import numpy as np
@@ -31,6 +33,7 @@ __all__ = [
     "SparseTrainingCallback",
     "DynamicSparseCallback",
     "RigLCallback",
+    "GradientSource",
     "GrowData",
 ]
 
@@ -59,6 +62,13 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
+def _rows(array) -> int:
+    shape = np.shape(array)
+    if not shape:
+        raise ValueError("`grow_data` arrays must have a batch dimension.")
+    return int(shape[0])
+
+
 class GrowData:
     """A source of training batches for growth gradients.
 
@@ -83,17 +93,31 @@ class GrowData:
         self._iterator = None
         self._arrays = None
         self._iterable = None
+        if isinstance(data, list) and len(data) in (2, 3) and not _is_dataset(data):
+            raise ValueError(
+                "`grow_data` must be a tuple (x, y), not a list: a list is read as an "
+                "iterable of batches. Pass tuple(grow_data)."
+            )
         if isinstance(data, tuple) and len(data) in (2, 3):
-            leaves = keras.tree.flatten(data[0])
+            leaves = [leaf for part in data for leaf in keras.tree.flatten(part)]
             if not leaves:
                 raise ValueError("`grow_data` x is empty.")
-            n = int(np.shape(leaves[0])[0])
+            counts = {_rows(leaf) for leaf in leaves}
+            if len(counts) != 1:
+                raise ValueError(
+                    f"`grow_data` x, y (and sample weights) must have the same number of "
+                    f"rows; got {sorted(counts)}."
+                )
+            n = counts.pop()
             if n == 0:
                 raise ValueError("`grow_data` holds no rows.")
             self._arrays, self._rows = data, n
         elif _is_dataset(data) or (
-            isinstance(data, collections.abc.Iterable) and not isinstance(data, (str, bytes, dict, tuple))
+            isinstance(data, collections.abc.Iterable)
+            and not isinstance(data, (str, bytes, dict, tuple, np.ndarray))
         ):
+            if isinstance(data, collections.abc.Sized) and len(data) == 0:
+                raise ValueError("`grow_data` is empty.")
             self._iterable = data
         else:
             raise ValueError(
@@ -124,7 +148,7 @@ class GrowData:
 class SparseTrainingCallback(keras.callbacks.Callback):
     """Shared machinery of every sparse-training callback.
 
-    Finds the model's masked layers at the start of `fit`, calls
+    Finds the model's masked weights at the start of `fit`, calls
     `after_step(previous_step, step, logs)` whenever the optimizer has
     advanced (the step is read from `optimizer.iterations`, never counted in
     Python, so resuming from a checkpoint continues the schedule exactly), and
@@ -133,14 +157,14 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     Args:
       seed: seed of everything random the method does.
       check_invariants: after every connectivity change, verify binary masks,
-        exact counts and zeros outside the mask (weights and optimizer state)
-        with `rigl_keras.check_sparsity`; raises on the first violation.
+        exact counts and initial optimizer state outside the mask with
+        `rigl_keras.check_sparsity`; raises on the first violation.
 
     Raises:
       ValueError: for a non-int seed.
     """
 
-    #: Whether a connectivity change keeps per-layer counts constant.
+    #: Whether a connectivity change keeps per-weight counts constant.
     keeps_counts = True
     #: Log name of the per-update fraction (drop fraction, or target sparsity).
     fraction_key = "drop_fraction"
@@ -151,8 +175,9 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             raise ValueError(f"`seed` must be an int; got {seed!r}.")
         self.seed = int(seed)
         self.check_invariants = bool(check_invariants)
-        self._layers: list = []
+        self._weights: list = []
         self._last_step = 0
+        self._origin = 0
         self._epoch_changed = 0
         self._epoch_updates = 0
         self._last_fraction = 0.0
@@ -170,9 +195,9 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     # -- helpers for subclasses ---------------------------------------------
     @property
-    def masked_layers(self) -> list:
-        """The masked layers this callback manages (set at train begin)."""
-        return self._layers
+    def masked_weights(self) -> list:
+        """The `MaskedWeight`s this callback manages (set at train begin)."""
+        return self._weights
 
     @property
     def total_steps(self) -> int | None:
@@ -187,34 +212,32 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         """The optimizer's step count (works for distributed variables too)."""
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
 
-    def optimizer_slots(self, layer) -> list:
-        """Optimizer state variables of `layer`'s kernel."""
+    def optimizer_slots(self, weight) -> list:
+        """Optimizer state variables of a masked weight."""
         model = self.model
-        return engine.optimizer_state_for(
-            model.optimizer, layer.raw_kernel, model.trainable_variables
-        )
+        return engine.optimizer_state_for(model.optimizer, weight.variable, model.trainable_variables)
 
     def layer_seed(self, step: int, index: int) -> int:
-        """A 31-bit seed for layer `index` at `step`, derived from `seed`."""
+        """A 31-bit seed for weight `index` at `step`, derived from `seed`."""
         rng = np.random.default_rng([self.seed, int(step), int(index)])
         return int(rng.integers(0, 2**31 - 1))
 
     # -- Keras hooks ---------------------------------------------------------
     def on_train_begin(self, logs=None):
         model = self.model  # syncs backend state (JAX) before any read
-        layers = masked_layers.masked_layers_of(model)
-        if not layers:
+        weights = masked_layers.masked_weights(model)
+        if not weights:
             raise ValueError(
-                f"{type(self).__name__}: model {model.name!r} has no masked layer. "
-                "Build it with rigl_keras.MaskedDense/MaskedConv2D or pass it "
-                "through rigl_keras.sparsify first."
+                f"{type(self).__name__}: model {model.name!r} has no masked weight. "
+                "Pass it through rigl_keras.sparsify or build it from masked layers."
             )
-        self._layers = layers
+        self._weights = weights
         self._last_step = self.current_step()
+        self._origin = self._last_step
         self._unread = 0
+        self._fresh = True
         self.setup()
         self._counts = self._current_counts()
-        self._fresh = True
 
     def on_train_batch_end(self, batch, logs=None):
         # Reading the step syncs with the device, so it is read only when an
@@ -238,6 +261,11 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._last_step = self.current_step()
         self._unread = 0
         if self._fresh:
+            # The step at which this fit's schedule starts: a resumed fit
+            # starts at epoch `initial_epoch`, not 0.
+            steps = (self.params or {}).get("steps") or 0
+            self._origin = max(0, self._last_step - int(epoch) * int(steps))
+            self.schedule_ready()
             self._counts = self._current_counts()
             self._fresh = False
         self._epoch_changed = 0
@@ -251,7 +279,10 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     # -- for subclasses ------------------------------------------------------
     def setup(self) -> None:
-        """Called at train begin once `masked_layers` is known."""
+        """Called at train begin once `masked_weights` is known."""
+
+    def schedule_ready(self) -> None:
+        """Called at the first epoch begin, once this fit's first step is known."""
 
     def next_event(self, step: int) -> int | None:
         """The first step after `step` at which `after_step` has work, or None."""
@@ -274,18 +305,23 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             self._counts = self._current_counts()
 
     def _current_counts(self) -> dict[str, int]:
-        return {
-            layer.name: engine.active_connections(layer) for layer in self._layers
-        }
+        return {w.name: engine.active_connections(w) for w in self._weights}
 
 
 class DynamicSparseCallback(SparseTrainingCallback):
     """Drop/grow every ΔT steps on the shared engine; subclasses give grow scores.
 
     At every update step t (t mod ΔT = 0, begin ≤ t < T_end), each masked
-    layer replaces floor(f_decay(t) · n_active) connections: the active ones
-    of smallest |w| are dropped, and the same number of inactive ones with the
-    largest `grow_scores` are activated at zero with zeroed optimizer state.
+    weight replaces floor(f_decay(t) · n_active) connections: the active ones
+    of smallest |w| are dropped, and the same number of positions with the
+    largest `grow_scores` are activated (new ones at zero with initial
+    optimizer state).
+
+    Steps are the optimizer's (`optimizer.iterations`). An int `end_step` or
+    `begin_step` is an absolute optimizer step, so one schedule can span
+    several `fit` calls. A float `end_step` is a fraction of *this* fit's
+    steps counted from the step the fit starts at, and the cosine decays over
+    that span: each `fit` call then runs a schedule of its own.
 
     Args:
       delta_t: steps between updates (ΔT), >= 1.
@@ -329,20 +365,44 @@ class DynamicSparseCallback(SparseTrainingCallback):
         )
         return config
 
-    def on_train_begin(self, logs=None):
-        self._end = self.schedule.end(self.total_steps)
-        super().on_train_begin(logs)
+    def setup(self):
+        spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if spe > 1 and self.schedule.delta_t % spe:
+            raise ValueError(
+                f"{type(self).__name__}: delta_t={self.schedule.delta_t} is not a multiple of "
+                f"the model's steps_per_execution={spe}; updates could only happen at "
+                "execution boundaries. Choose delta_t as a multiple of steps_per_execution."
+            )
+        self._end = None
+
+    def schedule_ready(self):
+        total = self.total_steps
+        if isinstance(self.schedule.end_step, float):
+            self._end = self._origin + self.schedule.end(total)
+        else:
+            self._end = self.schedule.end(total)
+        first = self.schedule.next_update_step(self._last_step, self._end)
+        if first is None or (total is not None and first > self._origin + total):
+            warnings.warn(
+                f"{type(self).__name__}: no connectivity update will happen in this fit "
+                f"(steps {self._last_step}..{self._origin + (total or 0)}, delta_t="
+                f"{self.schedule.delta_t}, end step {self._end}).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def drop_fraction(self, step: int) -> float:
-        """f_decay(step) under this fit's T_end."""
-        end = self._end if self._end is not None else self.schedule.end(self.total_steps)
-        return self.schedule.drop_fraction(step, end)
+        """f_decay(step) under this fit's schedule."""
+        origin = self._origin if isinstance(self.schedule.end_step, float) else 0
+        return self.schedule.drop_fraction(step - origin, self._end - origin)
 
     def grow_scores(self, step: int) -> list:
-        """One score tensor per masked layer; larger means grow first."""
+        """One score tensor per masked weight; larger means grow first."""
         raise NotImplementedError
 
     def next_event(self, step):
+        if self._end is None:
+            return None
         return self.schedule.next_update_step(step, self._end)
 
     def after_step(self, previous, step, logs):
@@ -354,35 +414,84 @@ class DynamicSparseCallback(SparseTrainingCallback):
         """Runs one drop/grow update as at optimizer step `step`.
 
         Returns:
-          One `engine.UpdateResult` per masked layer.
+          One `engine.UpdateResult` per masked weight.
         """
+        if self._end is None:  # called outside fit
+            self._end = self.schedule.end(self.total_steps or step + 1)
         fraction = self.drop_fraction(step)
         scores = self.grow_scores(step)
+        optimizer = self.model.optimizer
         results = [
             engine.drop_grow(
-                layer,
-                int(fraction * engine.active_connections(layer)),
-                score,
-                self.optimizer_slots(layer),
+                w, int(fraction * engine.active_connections(w)), score,
+                self.optimizer_slots(w), optimizer=optimizer,
             )
-            for layer, score in zip(self._layers, scores)
+            for w, score in zip(self._weights, scores)
         ]
         self.record(logs if logs is not None else {}, fraction, results)
         return results
 
 
+class GradientSource:
+    """Where dense gradients ∂L/∂W_eff come from: the training step, or `grow_data`.
+
+    Args:
+      grow_data: None to read the gradient each masked weight captured in the
+        last training step (the paper's rule: the current mini-batch), or
+        training data for an extra stateless pass per use (see `GrowData`).
+      grow_batch_size: rows drawn per use from an array tuple.
+      seed: seed of the row draws.
+    """
+
+    def __init__(self, grow_data=None, grow_batch_size: int = 128, seed: int = 0):
+        self.grow_batch_size = _check_batch_size(grow_batch_size)
+        self.data = None if grow_data is None else GrowData(grow_data, grow_batch_size, seed)
+        self._function = None
+        self._key = None
+
+    @property
+    def captured(self) -> bool:
+        """True if gradients are read from the training step."""
+        return self.data is None
+
+    def check(self, owner: str, model, weights) -> None:
+        """Raises before training if the source cannot serve `weights`."""
+        if self.captured:
+            missing = [w.name for w in weights if w.gradient is None]
+            if missing:
+                raise ValueError(
+                    f"{owner}: masked weights {missing} capture no gradient (the model was "
+                    "sparsified with capture_gradients=False). Sparsify with "
+                    "capture_gradients=True, or pass grow_data."
+                )
+
+    def gradients(self, model, weights, step: int) -> list:
+        """One dense gradient per weight (as of the last step, or on a drawn batch)."""
+        if self.captured:
+            return [ops.stop_gradient(w.gradient.value) for w in weights]
+        # Rebuilt when the model is recompiled: the loss is traced in.
+        key = (id(model), tuple(id(w.variable) for w in weights), id(getattr(model, "_compile_loss", None)),
+               id(model.optimizer))
+        if self._key != key:
+            self._function = gradients_backend.gradient_function(model, weights)
+            self._key = key
+        return self._function(self.data.batch(step))
+
+
 class RigLCallback(DynamicSparseCallback):
     """RigL (Evci et al. 2020): grow where the dense gradient is largest.
 
-    Every ΔT optimizer steps until `end_step`, each masked layer drops the
-    k = floor(f_decay(t) · n_active) active weights of smallest magnitude and
-    grows the k inactive positions (just-dropped ones included) with the
+    Every ΔT optimizer steps until `end_step`, each masked weight drops the
+    k = floor(f_decay(t) · n_active) active entries of smallest magnitude and
+    grows the k positions not kept (just-dropped ones included) with the
     largest |∂L/∂W_eff|, the gradient of the loss with respect to the masked
-    kernel, on one batch from `grow_data`. Grown weights start at 0, and every
-    optimizer state tensor of dropped and grown positions is zeroed.
-
-    The dense gradient costs one extra forward and backward pass per update,
-    so steps between updates cost what static sparse training costs.
+    weight. By default that is the gradient of the update step's own training
+    batch, captured inside the compiled train step (paper §3(4); no extra
+    pass; the model must be sparsified with `capture_gradients=True`, the
+    default). With `grow_data`, a batch of that data is drawn at each update
+    instead and costs one extra forward and backward pass (the official TF2
+    port's behaviour). Newly grown weights start at 0 with initial optimizer
+    state; a connection dropped and grown back keeps both.
 
     Logs: on update batches, `drop_fraction` and `connections_changed`; at
     epoch end, the epoch's `connections_changed` total, `mask_updates` and the
@@ -391,20 +500,22 @@ class RigLCallback(DynamicSparseCallback):
     Args:
       delta_t: steps between updates (ΔT), >= 1.
       alpha: initial update fraction, in (0, 1].
-      end_step: last update step (exclusive): an int, or a float in (0, 1]
-        giving a fraction of the fit's total steps.
+      end_step: last update step (exclusive): an int optimizer step, or a
+        float in (0, 1] giving a fraction of this fit's steps.
       decay: "cosine" or "constant".
-      grow_data: training data for growth gradients: an `(x, y)` tuple of
-        arrays, a `tf.data.Dataset` of batches, or an iterable of batches.
-        Required before training starts.
+      grow_data: None (captured training gradients), or training data: an
+        `(x, y)` tuple of arrays, a `tf.data.Dataset` of batches, or an
+        iterable of batches.
       seed: seed of the batch draws.
       grow_batch_size: rows drawn per update from an array tuple.
       begin_step: first step at which updates may happen.
       check_invariants: audit invariants after every update.
 
     Raises:
-      ValueError: for an argument out of range, `grow_data` of the wrong
-        kind, or (at train begin) no `grow_data` or no masked layer.
+      ValueError: for an argument out of range, `grow_data` of the wrong kind,
+        or (at train begin) no masked weight, weights without gradient
+        capture and no `grow_data`, or a `steps_per_execution` that does not
+        divide `delta_t`.
     """
 
     def __init__(
@@ -424,29 +535,17 @@ class RigLCallback(DynamicSparseCallback):
             delta_t, alpha, end_step, decay,
             begin_step=begin_step, seed=seed, check_invariants=check_invariants,
         )
-        self.grow_batch_size = _check_batch_size(grow_batch_size)
-        self.grow_data = None if grow_data is None else GrowData(grow_data, grow_batch_size, seed)
+        self.source = GradientSource(grow_data, grow_batch_size, seed)
+        self.grow_batch_size = self.source.grow_batch_size
 
     def get_config(self) -> dict:
         config = super().get_config()
         config["grow_batch_size"] = self.grow_batch_size
         return config
 
-    def on_train_begin(self, logs=None):
-        if self.grow_data is None:
-            raise ValueError(
-                f"{type(self).__name__} needs `grow_data` (e.g. grow_data=(x_train, "
-                "y_train)) to compute growth gradients: Keras callbacks do not "
-                "see the batch being trained on."
-            )
-        super().on_train_begin(logs)
-
     def setup(self):
-        # Reuse the traced gradient function across fits of the same model.
-        key = (id(self.model), tuple(id(layer) for layer in self._layers))
-        if getattr(self, "_gradients_key", None) != key:
-            self._gradients = gradients_backend.gradient_function(self.model, self._layers)
-            self._gradients_key = key
+        super().setup()
+        self.source.check(type(self).__name__, self.model, self._weights)
 
     def grow_scores(self, step):
-        return [ops.abs(g) for g in self._gradients(self.grow_data.batch(step))]
+        return [ops.abs(g) for g in self.source.gradients(self.model, self._weights, step)]

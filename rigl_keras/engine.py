@@ -1,10 +1,14 @@
 """The one connectivity-update engine every method runs on.
 
 A method supplies scores; the engine turns them into a new mask with exact
-counts and commits it: the mask is assigned, and the kernel and every
-optimizer state tensor of the kernel are zeroed at every position that is not
-a surviving connection. Nothing outside the mask is ever non-zero, and
-connections that stay active keep their weight and optimizer state.
+counts and commits it, per masked weight (`rigl_keras.layers.MaskedWeight`):
+the mask is assigned, and the weight and every optimizer state tensor of the
+weight are reset at every position that is not an active connection that
+stays active. Weights are reset to 0 and optimizer state to the value the
+optimizer initialises it with (0 for momentum and Adam moments, Adagrad's
+`initial_accumulator_value`, ...). As in the official code, a connection that
+was active, is dropped and is grown back in the same update is not new: it
+keeps its weight and state.
 
 All tensor work uses `keras.ops`, so it runs on the device of any backend.
 """
@@ -15,7 +19,10 @@ import dataclasses
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
+
+from rigl_keras.selection import top_k_mask
 
 __all__ = [
     "UpdateResult",
@@ -27,22 +34,23 @@ __all__ = [
     "active_connections",
     "scores_are_finite",
     "optimizer_state_for",
+    "slot_initial_value",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateResult:
-    """What one layer update did.
+    """What one update did to one masked weight.
 
     Attributes:
-      layer: the layer's name.
-      active: active connections after the update (unchanged by drop/grow).
-      changed: connections that were replaced (grown at a position that was
-        not active before); 0 for a skipped update.
-      skipped: True if the update was skipped because scores were not finite.
+      weight: the weight's name.
+      active: active connections after the update.
+      changed: connections grown at positions that were inactive before the
+        update (for pruning: connections removed); 0 for a skipped update.
+      skipped: True if the update was skipped (non-finite or constant scores).
     """
 
-    layer: str
+    weight: str
     active: int
     changed: int
     skipped: bool = False
@@ -52,38 +60,24 @@ def _flat(x):
     return ops.reshape(x, (-1,))
 
 
-def _indicator(indices, size):
-    """A bool vector of `size` that is True at `indices`."""
-    if int(indices.shape[0]) == 0:
-        return ops.zeros((size,), dtype="bool")
-    ones = ops.ones((int(indices.shape[0]),), dtype="int32")
-    hits = ops.scatter(ops.expand_dims(indices, -1), ones, (size,))
-    return ops.greater(hits, 0)
-
-
-def _top(scores, k):
-    """Indices of the k largest scores; ties go to the lower index."""
-    # tf.math.top_k and jax.lax.top_k both return equal values in index order.
-    return ops.top_k(scores, k, sorted=True)[1]
-
-
 def drop_grow_masks(mask, drop_score, grow_score, n_drop: int, n_grow: int | None = None):
-    """The RigL/SET/SNFS mask update on one kernel (paper §3(3)–(4)).
+    """The RigL/SET/SNFS mask update on one weight (paper §3(3)–(4)).
 
     Keeps the `n_active − n_drop` active positions with the largest
     `drop_score`, then activates the `n_grow` positions with the largest
     `grow_score` among all positions not kept (just-dropped ones included).
+    Ties go to the lower flat index, on every backend.
 
     Args:
-      mask: 0/1 tensor of the kernel's shape.
-      drop_score: tensor of the kernel's shape (|w| for every method here).
-      grow_score: tensor of the kernel's shape.
+      mask: 0/1 tensor of the weight's shape.
+      drop_score: tensor of the weight's shape (|w| for every method here).
+      grow_score: tensor of the weight's shape.
       n_drop: connections to drop, 0 <= n_drop <= active count.
       n_grow: connections to grow; defaults to `n_drop`, which keeps the
         count exact. At most the number of positions not kept.
 
     Returns:
-      (new_mask, keep): bool tensors of the kernel's shape. `keep` marks the
+      (new_mask, keep): bool tensors of the weight's shape. `keep` marks the
       surviving connections; `new_mask` is `keep` plus the grown ones.
 
     Raises:
@@ -91,20 +85,18 @@ def drop_grow_masks(mask, drop_score, grow_score, n_drop: int, n_grow: int | Non
     """
     n_grow = n_drop if n_grow is None else n_grow
     shape = tuple(mask.shape)
-    size = int(ops.size(mask))
+    size = int(np.prod(shape))
     active = ops.not_equal(_flat(mask), 0)
     n_active = int(ops.sum(ops.cast(active, "int32")))
     if not 0 <= n_drop <= n_active:
         raise ValueError(f"n_drop must be in [0, {n_active}]; got {n_drop}.")
     if not 0 <= n_grow <= size - (n_active - n_drop):
-        raise ValueError(
-            f"n_grow must be in [0, {size - (n_active - n_drop)}]; got {n_grow}."
-        )
+        raise ValueError(f"n_grow must be in [0, {size - (n_active - n_drop)}]; got {n_grow}.")
     neg_inf = float("-inf")
     drop_score = ops.where(active, ops.cast(_flat(drop_score), "float32"), neg_inf)
-    keep = _indicator(_top(drop_score, n_active - n_drop), size)
+    keep = top_k_mask(drop_score, n_active - n_drop)
     grow_score = ops.where(keep, neg_inf, ops.cast(_flat(grow_score), "float32"))
-    grown = _indicator(_top(grow_score, n_grow), size)
+    grown = top_k_mask(grow_score, n_grow)
     new_mask = ops.logical_or(keep, grown)
     return ops.reshape(new_mask, shape), ops.reshape(keep, shape)
 
@@ -113,20 +105,27 @@ def prune_mask(mask, score, n_keep: int):
     """Keeps the `n_keep` active positions with the largest `score`.
 
     Args:
-      mask: 0/1 tensor of the kernel's shape.
-      score: tensor of the kernel's shape (|w| for magnitude pruning).
+      mask: 0/1 tensor of the weight's shape.
+      score: tensor of the weight's shape (|w| for magnitude pruning).
       n_keep: connections to keep, 0 <= n_keep <= active count.
 
     Returns:
       The new mask as a bool tensor; it is a subset of `mask`.
+
+    Raises:
+      ValueError: if `n_keep` is out of range.
     """
     active = ops.not_equal(_flat(mask), 0)
     n_active = int(ops.sum(ops.cast(active, "int32")))
     if not 0 <= n_keep <= n_active:
         raise ValueError(f"n_keep must be in [0, {n_active}]; got {n_keep}.")
     score = ops.where(active, ops.cast(_flat(score), "float32"), float("-inf"))
-    keep = _indicator(_top(score, n_keep), int(ops.size(mask)))
-    return ops.reshape(keep, tuple(mask.shape))
+    return ops.reshape(top_k_mask(score, n_keep), tuple(mask.shape))
+
+
+# ---------------------------------------------------------------------------
+# Optimizer state
+# ---------------------------------------------------------------------------
 
 
 def _slot_owner(optimizer_variable, prefixes: dict[str, object]):
@@ -153,7 +152,7 @@ def optimizer_state_for(optimizer, variable, model_variables=None) -> list:
 
     Args:
       optimizer: a Keras optimizer, or None.
-      variable: the model variable (e.g. a layer's raw kernel).
+      variable: the model variable (e.g. a masked weight's stored variable).
       model_variables: all trainable variables of the model, to disambiguate
         names; defaults to [variable].
 
@@ -174,115 +173,157 @@ def optimizer_state_for(optimizer, variable, model_variables=None) -> list:
     ]
 
 
-def commit(layer, new_mask, keep, slots=()) -> None:
-    """Assigns `new_mask` to `layer` and zeroes weights and `slots` outside `keep`.
+_INITIAL_VALUES: dict = {}
+
+
+def slot_initial_value(optimizer, slot) -> float:
+    """The value `optimizer` initialises the state tensor `slot` with.
+
+    Found generically: a fresh optimizer of the same class and configuration
+    is built on a one-element stand-in variable, and its state of the same
+    kind (name suffix) is read. Cached per optimizer configuration.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    key = (type(inner), repr(sorted(inner.get_config().items(), key=lambda kv: kv[0])))
+    table = _INITIAL_VALUES.get(key)
+    if table is None:
+        probe_var = keras.Variable(np.zeros((1,), "float32"), name="rigl_probe")
+        probe = type(inner).from_config(inner.get_config())
+        probe.build([probe_var])
+        prefix = probe_var.path.replace("/", "_") + "_"
+        table = {
+            v.name[len(prefix):]: float(np.ravel(keras.ops.convert_to_numpy(v))[0])
+            for v in probe.variables
+            if v.name.startswith(prefix)
+        }
+        _INITIAL_VALUES[key] = table
+    best = max((s for s in table if slot.name.endswith("_" + s) or slot.name == s), key=len, default=None)
+    return 0.0 if best is None else table[best]
+
+
+def commit(weight, new_mask, keep, slots=(), optimizer=None) -> None:
+    """Assigns `new_mask` and resets the weight and `slots` outside `keep`.
 
     Args:
-      layer: a masked layer.
-      new_mask: bool tensor, the layer's next mask.
-      keep: bool tensor, the connections whose weight and optimizer state
-        survive; everything else (dropped and newly grown positions) is 0.
-      slots: the optimizer state variables of the layer's kernel.
+      weight: a `MaskedWeight`.
+      new_mask: bool tensor, the next mask.
+      keep: bool tensor, the positions whose weight and optimizer state
+        survive; elsewhere the weight becomes 0 and each slot its initial value.
+      slots: the optimizer state variables of the weight.
+      optimizer: the optimizer owning `slots` (for their initial values).
     """
-    kernel = layer.raw_kernel
-    layer.mask.assign(ops.cast(new_mask, layer.mask.dtype))
-    kernel.assign(ops.where(keep, kernel, ops.zeros_like(kernel)))
+    variable = weight.variable
+    weight.mask.assign(ops.cast(new_mask, weight.mask.dtype))
+    variable.assign(ops.where(keep, _read(variable), ops.zeros_like(_read(variable))))
     for slot in slots:
-        slot.assign(ops.where(keep, slot, ops.zeros_like(slot)))
+        initial = slot_initial_value(optimizer, slot) if optimizer is not None else 0.0
+        slot.assign(ops.where(keep, _read(slot), ops.full_like(_read(slot), initial)))
+
+
+def _read(variable):
+    # A detached tensor: on torch, reading a Parameter would build a graph.
+    return ops.stop_gradient(variable.value)
 
 
 def _all_finite(*tensors) -> bool:
     return all(bool(ops.all(ops.isfinite(ops.cast(t, "float32")))) for t in tensors)
 
 
-def active_connections(layer) -> int:
-    """The number of ones in `layer`'s mask."""
-    return int(ops.sum(ops.cast(ops.not_equal(layer.mask, 0), "int32")))
+def active_connections(weight) -> int:
+    """The number of ones in `weight`'s mask."""
+    return int(ops.sum(ops.cast(ops.not_equal(_read(weight.mask), 0), "int32")))
 
 
-def scores_are_finite(layer, grow_score, drop_score=None) -> bool:
-    """False (with a warning) if a grow score or an active weight is not finite."""
+def scores_are_finite(weight, grow_score, drop_score=None) -> bool:
+    """False (with a warning) if a grow score or an active entry is not finite,
+    or if the grow scores are all equal (growth would follow index order)."""
     if drop_score is None:
-        drop_score = ops.where(ops.not_equal(layer.mask, 0), layer.raw_kernel, 0)
-    if _all_finite(drop_score, grow_score):
+        drop_score = ops.where(ops.not_equal(_read(weight.mask), 0), _read(weight.variable), 0)
+    if not _all_finite(drop_score, grow_score):
+        reason = "non-finite weights or growth scores"
+    elif float(ops.max(grow_score)) == float(ops.min(grow_score)):
+        reason = "constant growth scores (growth would follow index order)"
+    else:
         return True
     warnings.warn(
-        f"rigl_keras: non-finite weights or growth scores in layer "
-        f"{layer.name!r}; its connectivity update is skipped.",
+        f"rigl_keras: {reason} in {weight.name!r}; its connectivity update is skipped.",
         RuntimeWarning,
         stacklevel=3,
     )
     return False
 
 
-def drop_grow(layer, n_drop: int, grow_score, slots=(), *, n_grow: int | None = None,
-              drop_score=None) -> UpdateResult:
-    """Drops `n_drop` connections of `layer` and grows `n_grow` (default: as many).
+def drop_grow(weight, n_drop: int, grow_score, slots=(), *, n_grow: int | None = None,
+              drop_score=None, optimizer=None) -> UpdateResult:
+    """Drops `n_drop` connections of `weight` and grows `n_grow` (default: as many).
 
     Drops the active connections of smallest |w| (or smallest `drop_score`)
-    and grows where `grow_score` is largest; grown weights and the optimizer
-    state of dropped and grown positions are zeroed. If a score or an active
-    weight is not finite, the layer is left unchanged and a warning issued.
+    and grows where `grow_score` is largest. Newly grown positions (inactive
+    before) start at 0 with initial optimizer state; dropped positions that
+    stay inactive are reset the same way; a connection dropped and grown back
+    keeps its weight and state. If a score or an active entry is not finite,
+    or all grow scores are equal, the weight is left unchanged with a warning.
 
     Args:
-      layer: a masked layer.
+      weight: a `MaskedWeight`.
       n_drop: connections to drop (see `drop_grow_masks`).
-      grow_score: tensor of the kernel's shape.
-      slots: the optimizer state variables of the layer's kernel.
+      grow_score: tensor of the weight's shape.
+      slots: the optimizer state variables of the weight.
       n_grow: connections to grow; defaults to `n_drop`.
-      drop_score: defaults to |kernel|.
+      drop_score: defaults to |w|.
+      optimizer: the optimizer owning `slots`.
 
     Returns:
       An `UpdateResult`.
     """
-    mask = layer.mask
-    n_active = active_connections(layer)
-    if n_active == int(ops.size(mask)) and (n_grow is None or n_grow == n_drop):
-        # A dense layer (the first one under "uniform", or one capped by
-        # ERK) has nowhere else to grow: it stays dense and untouched.
-        return UpdateResult(layer.name, n_active, 0)
-    if drop_score is None:
-        drop_score = ops.abs(ops.where(ops.not_equal(mask, 0), layer.raw_kernel, 0))
-    if not scores_are_finite(layer, grow_score, drop_score):
-        return UpdateResult(layer.name, n_active, 0, skipped=True)
+    mask = _read(weight.mask)
+    n_active = active_connections(weight)
     n_grow = n_drop if n_grow is None else n_grow
+    if n_active == weight.size and n_grow == n_drop:
+        # A dense weight (the first layer under "uniform", one capped by ERK)
+        # has nowhere else to grow: it stays dense and untouched.
+        return UpdateResult(weight.name, n_active, 0)
     if n_drop == 0 and n_grow == 0:
-        return UpdateResult(layer.name, n_active, 0)
-    new_mask, keep = drop_grow_masks(mask, drop_score, grow_score, n_drop, n_grow)
-    changed = int(
-        ops.sum(ops.cast(ops.logical_and(new_mask, ops.equal(mask, 0)), "int32"))
-    )
-    commit(layer, new_mask, keep, slots)
-    return UpdateResult(layer.name, n_active - n_drop + n_grow, changed)
+        return UpdateResult(weight.name, n_active, 0)
+    active = ops.not_equal(mask, 0)
+    if drop_score is None:
+        drop_score = ops.abs(ops.where(active, _read(weight.variable), 0))
+    if not scores_are_finite(weight, grow_score, drop_score):
+        return UpdateResult(weight.name, n_active, 0, skipped=True)
+    new_mask, _ = drop_grow_masks(mask, drop_score, grow_score, n_drop, n_grow)
+    survives = ops.logical_and(new_mask, active)
+    changed = int(ops.sum(ops.cast(ops.logical_and(new_mask, ops.logical_not(active)), "int32")))
+    commit(weight, new_mask, survives, slots, optimizer)
+    return UpdateResult(weight.name, n_active - n_drop + n_grow, changed)
 
 
-def prune(layer, n_keep: int, slots=(), score=None) -> UpdateResult:
-    """Shrinks `layer`'s mask to its `n_keep` largest-|w| connections.
+def prune(weight, n_keep: int, slots=(), score=None, optimizer=None) -> UpdateResult:
+    """Shrinks `weight`'s mask to its `n_keep` largest-|w| connections.
 
     Args:
-      layer: a masked layer.
+      weight: a `MaskedWeight`.
       n_keep: connections to keep (<= the current count).
-      slots: the optimizer state variables of the layer's kernel.
-      score: defaults to |kernel|.
+      slots: the optimizer state variables of the weight.
+      score: defaults to |w|.
+      optimizer: the optimizer owning `slots`.
 
     Returns:
       An `UpdateResult` whose `changed` counts removed connections.
     """
-    mask = layer.mask
-    n_active = active_connections(layer)
+    mask = _read(weight.mask)
+    n_active = active_connections(weight)
     if score is None:
-        score = ops.abs(layer.raw_kernel)
+        score = ops.abs(_read(weight.variable))
     if not _all_finite(ops.where(ops.not_equal(mask, 0), score, 0)):
         warnings.warn(
-            f"rigl_keras: non-finite weights in layer {layer.name!r}; its "
-            "pruning step is skipped.",
+            f"rigl_keras: non-finite weights in {weight.name!r}; its pruning step is skipped.",
             RuntimeWarning,
             stacklevel=2,
         )
-        return UpdateResult(layer.name, n_active, 0, skipped=True)
+        return UpdateResult(weight.name, n_active, 0, skipped=True)
     n_keep = min(n_keep, n_active)
     if n_keep == n_active:
-        return UpdateResult(layer.name, n_active, 0)
+        return UpdateResult(weight.name, n_active, 0)
     keep = prune_mask(mask, score, n_keep)
-    commit(layer, keep, keep, slots)
-    return UpdateResult(layer.name, n_keep, n_active - n_keep)
+    commit(weight, keep, keep, slots, optimizer)
+    return UpdateResult(weight.name, n_keep, n_active - n_keep)

@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+import keras
 import numpy as np
 
 from rigl_keras import distributions
@@ -244,18 +245,10 @@ def _positions(layer, shape: tuple) -> int:
     return int(np.prod(dims)) // int(channels)
 
 
-def _mask_ids(model) -> set[int]:
-    return {
-        id(layer.mask)
-        for layer in masked_layers.iter_layers(model)
-        if masked_layers.is_masked(layer) and getattr(layer, "mask", None) is not None
-    }
-
-
 def _total_params(model) -> int:
-    masks = _mask_ids(model)
-    weights = {id(w): w for w in model.weights if id(w) not in masks}
-    return int(sum(int(np.prod(w.shape)) for w in weights.values()))
+    from rigl_keras.sparsify import _base_variables
+
+    return int(sum(int(np.prod(v.shape)) for v in _base_variables(model)))
 
 
 def _check_sparsities(sparsities: Mapping[str, float], names: Sequence[str]) -> None:
@@ -304,28 +297,28 @@ def inference_flops(model, sparsities: Mapping[str, float] | None = None) -> Flo
         shape has an unknown dimension, or `sparsities` names an unknown layer
         or holds a value outside [0, 1].
     """
-    layers = masked_layers.maskable_layers(model)
-    if not layers:
+    weights = masked_layers.maskable_weights(model)
+    if not weights:
         raise ValueError(
-            f"Model {getattr(model, 'name', model)!r} has no built Dense, "
-            "Conv2D or DepthwiseConv2D layer to count."
+            f"Model {getattr(model, 'name', model)!r} has no built maskable layer to count."
         )
     if sparsities is not None:
-        _check_sparsities(sparsities, [layer.name for layer in layers])
+        _check_sparsities(sparsities, [w.name for w in weights])
     entries = []
-    for layer in layers:
-        kernel_shape = tuple(int(d) for d in masked_layers.kernel_of(layer).shape)
-        size = int(np.prod(kernel_shape))
+    for w in weights:
+        layer = w.layer
+        kernel_shape = w.shape
+        size = w.size
         if sparsities is not None:
-            active = distributions.active_count(size, float(sparsities.get(layer.name, 0.0)))
-        elif masked_layers.is_masked(layer):
-            active = int(np.count_nonzero(layer.mask.numpy()))
+            active = distributions.active_count(size, float(sparsities.get(w.name, 0.0)))
+        elif "_rk_masks" in layer.__dict__:
+            active = int(np.count_nonzero(keras.ops.convert_to_numpy(w.mask)))
         else:
             active = size
         shapes = _output_shapes(layer)
         entries.append(
             LayerFlops(
-                name=layer.name,
+                name=w.name,
                 layer_type=type(layer).__name__,
                 kernel_shape=kernel_shape,
                 output_shape=shapes[0],

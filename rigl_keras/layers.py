@@ -1,126 +1,279 @@
-"""Masked kernel layers: drop-in replacements for Keras Dense and convolutions.
+"""Masked weights: one mechanism that masks any named weight of any Keras layer.
 
-Each masked layer keeps its trainable weight in ``_kernel`` and a non-trainable
-0/1 ``mask`` variable of the same shape; ``layer.kernel`` returns
-``where(mask, _kernel, 0)``. Because the mask is a variable read inside the
-compiled train function, assigning a new mask from a callback takes effect on
-the next step without retracing.
+A *masked weight* is a layer's stored variable plus a compact 0/1 ``mask``
+(uint8) of the same shape and, optionally, a gradient-capture variable ``G``.
+The layer reads the weight through a property that returns::
 
-The mask is applied so that a non-finite value stored at a masked-out
-position (or flowing back through the gradient there) can never leak into
-the outputs or into the kernel's gradient (`backend.apply_mask`).
+    W_eff = where(mask, W, 0) + (G − stop_gradient(G))
+
+The second term is exactly zero in the forward pass, and because ``G`` is a
+trainable variable with ``overwrite_with_gradient = True``, the optimizer
+overwrites it at every step with ∂L/∂W_eff of the batch just trained on: the
+*dense* gradient RigL grows by, captured inside the compiled train step on
+every backend (`rigl_keras.backend`).
+
+Supporting a layer class is a declaration of which attributes are maskable:
+
+* leaf layers that read the weight themselves in ``call`` (Dense: ``kernel``;
+  LSTMCell: ``kernel`` and ``recurrent_kernel``; SeparableConv2D:
+  ``depthwise_kernel`` and ``pointwise_kernel``; Embedding: ``embeddings``);
+* containers whose maskable sublayers are created internally (LSTM's cell,
+  MultiHeadAttention's EinsumDense projections): after ``build`` every
+  declared sublayer is masked in place.
+
+`Bidirectional`, `TimeDistributed` and nested models need nothing: their
+configs hold the inner layer, which `rigl_keras.sparsify` replaces.
+
+Your own layer declares its maskable weights with the `maskable` decorator
+(see docs/custom_layers.md).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+from collections.abc import Iterable, Iterator
 
 import keras
 
 from rigl_keras import backend
 
 __all__ = [
-    "MaskedKernelMixin",
-    "MaskedDense",
-    "MaskedConv2D",
-    "MaskedDepthwiseConv2D",
+    "MASK_DTYPE",
+    "MaskedWeight",
+    "MaskedWeightsMixin",
+    "maskable",
+    "masked_class",
+    "declared_weights",
     "is_masked",
-    "MASKED_EQUIVALENTS",
-    "kernel_of",
-    "is_maskable",
+    "masked_weights",
+    "maskable_weights",
+    "unmaskable_weights",
     "iter_layers",
-    "maskable_layers",
-    "masked_layers_of",
+    "WeightSelector",
+    "select_weights",
 ]
 
+#: dtype of stored masks: one byte per weight (a float mask doubled file sizes).
+MASK_DTYPE = "uint8"
 
-class MaskedKernelMixin:
-    """Gives a Keras kernel layer a fixed-shape binary ``mask`` on its kernel.
+_LAYERS = keras.layers
 
-    Mix in *before* the Keras layer class. The mixin owns the ``kernel``
-    property: it stores whatever the base class's ``build`` assigns as the
-    kernel (either ``self._kernel = ...`` or ``self.kernel = ...``) in
-    ``_kernel``, adds a ``mask`` variable after the base build, and returns
-    the masked kernel to the base class's ``call``.
+#: Built-in leaf layers and the attributes they read their matrices from.
+_BUILTIN_LEAVES: dict[type, tuple[str, ...]] = {
+    _LAYERS.Dense: ("kernel",),
+    _LAYERS.EinsumDense: ("kernel",),
+    _LAYERS.Conv1D: ("kernel",),
+    _LAYERS.Conv2D: ("kernel",),
+    _LAYERS.Conv3D: ("kernel",),
+    _LAYERS.Conv1DTranspose: ("kernel",),
+    _LAYERS.Conv2DTranspose: ("kernel",),
+    _LAYERS.Conv3DTranspose: ("kernel",),
+    _LAYERS.DepthwiseConv1D: ("kernel",),
+    _LAYERS.DepthwiseConv2D: ("kernel",),
+    _LAYERS.SeparableConv1D: ("depthwise_kernel", "pointwise_kernel"),
+    _LAYERS.SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
+    _LAYERS.Embedding: ("embeddings",),
+    _LAYERS.SimpleRNNCell: ("kernel", "recurrent_kernel"),
+    _LAYERS.LSTMCell: ("kernel", "recurrent_kernel"),
+    _LAYERS.GRUCell: ("kernel", "recurrent_kernel"),
+}
 
-    Quantization and LoRA of masked layers are not supported.
+#: Built-in layers that create maskable sublayers themselves.
+_BUILTIN_CONTAINERS: tuple[type, ...] = (
+    _LAYERS.SimpleRNN,
+    _LAYERS.LSTM,
+    _LAYERS.GRU,
+    _LAYERS.MultiHeadAttention,
+    _LAYERS.GroupQueryAttention,
+)
+
+
+def declared_weights(layer_or_class) -> tuple[str, ...]:
+    """The maskable attribute names a layer (class) declares; () if none.
+
+    Built-in leaves are matched by exact class (a user's subclass of Dense may
+    read its kernel differently, so it must declare itself with `maskable`).
+    """
+    cls = layer_or_class if isinstance(layer_or_class, type) else type(layer_or_class)
+    own = cls.__dict__.get("rigl_maskable_weights")
+    if own is not None:
+        return tuple(own)
+    if issubclass(cls, MaskedWeightsMixin):
+        return tuple(getattr(cls, "rigl_maskable_weights", ()))
+    return _BUILTIN_LEAVES.get(cls, ())
+
+
+def _is_container_class(cls) -> bool:
+    return cls in _BUILTIN_CONTAINERS or bool(cls.__dict__.get("rigl_masks_sublayers"))
+
+
+# ---------------------------------------------------------------------------
+# The masked weight handle
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class MaskedWeight:
+    """One masked weight of a model: the handle the engine and callbacks use.
+
+    Attributes:
+      layer: the layer that owns the weight (for an LSTM, its cell).
+      attribute: the attribute the layer reads it from ("kernel", ...).
+      name: a key unique within the model: the chain of layer names from the
+        model down to `layer`, plus "/attribute" when the layer has more than
+        one maskable weight (e.g. "fc1", "lstm/lstm_cell/recurrent_kernel",
+        "mha/query").
+      chain: the layers from the model's top-level layer down to `layer`.
     """
 
-    @property
-    def kernel(self):
-        """The effective kernel: the stored kernel where the mask is 1, else 0."""
-        if not self.built and getattr(self, "_kernel", None) is None:
-            raise AttributeError(
-                "You must build the layer before accessing `kernel`."
-            )
-        kernel = self._kernel
-        mask = getattr(self, "mask", None)
-        if mask is None:  # during the base class's build
-            return kernel
-        return backend.apply_mask(kernel, mask)
-
-    @kernel.setter
-    def kernel(self, value):
-        # DepthwiseConv2D.build assigns `self.kernel = add_weight(...)`.
-        self._kernel = value
+    layer: keras.layers.Layer
+    attribute: str
+    name: str = ""
+    chain: tuple = ()
 
     @property
-    def raw_kernel(self) -> keras.Variable:
-        """The stored (trainable) kernel variable, without the mask applied."""
-        return self._kernel
+    def variable(self) -> keras.Variable:
+        """The stored (trainable) variable, without the mask applied."""
+        return getattr(self.layer, "_" + self.attribute)
 
-    def build(self, input_shape):
-        self._kernel = None
-        self.grow_momentum = None
-        super().build(input_shape)
-        if getattr(self, "lora_enabled", False) or getattr(
-            self, "quantization_mode", None
-        ):
-            raise ValueError(
-                f"Layer {self.name!r}: masked layers do not support LoRA or "
-                "quantization."
-            )
-        self.mask = self.add_weight(
-            name="mask",
-            shape=tuple(self._kernel.shape),
-            initializer="ones",
-            trainable=False,
-            dtype=self._kernel.dtype,
-            autocast=False,
-        )
+    @property
+    def mask(self) -> keras.Variable:
+        """The uint8 0/1 mask variable."""
+        return self.layer._rk_masks[self.attribute]
 
-    def ensure_grow_momentum(self) -> keras.Variable:
-        """The layer's moving average of dense gradients (SNFS), created on first use.
+    @property
+    def gradient(self) -> keras.Variable | None:
+        """The capture variable G (∂L/∂W_eff of the last batch), or None."""
+        return self.layer._rk_grads.get(self.attribute)
 
-        It lives with the layer, not the callback, so that checkpoints,
-        `BackupAndRestore` and `.keras` files carry it.
+    @property
+    def momentum(self) -> keras.Variable | None:
+        """SNFS's moving average of dense gradients, if created."""
+        return self.layer._rk_momenta.get(self.attribute)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape."""
+        return tuple(int(d) for d in self.variable.shape)
+
+    @property
+    def size(self) -> int:
+        """The number of entries N."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def ensure_momentum(self) -> keras.Variable:
+        """SNFS's moving average of dense gradients, created on first use.
+
+        It lives with the layer, so checkpoints and `.keras` files carry it.
         """
-        if self.grow_momentum is None:
-            locked = self._tracker.locked
-            self._tracker.unlock()
-            try:
-                self.grow_momentum = self.add_weight(
-                    name="grow_momentum",
-                    shape=tuple(self._kernel.shape),
-                    initializer="zeros",
-                    trainable=False,
-                    dtype="float32",
-                    autocast=False,
-                )
-            finally:
-                if locked:
-                    self._tracker.lock()
-        return self.grow_momentum
+        existing = self.momentum
+        if existing is not None:
+            return existing
+        momentum = _add_untracked_weight(
+            self.layer, f"{self.attribute}_momentum", self.shape, "zeros", False, "float32"
+        )
+        self.layer._rk_momenta[self.attribute] = momentum
+        return momentum
 
+    def effective(self):
+        """The masked value `where(mask, W, 0)` as a tensor."""
+        return backend.apply_mask(self.variable, self.mask)
+
+    def __repr__(self) -> str:
+        return f"MaskedWeight({self.name!r}, shape={self.shape})"
+
+
+def _add_untracked_weight(layer, name, shape, initializer, trainable, dtype, autocast=False):
+    # Layers lock their variable tracker after build; masks, capture and
+    # momentum variables are added to built layers.
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        return layer.add_weight(
+            name=name, shape=shape, initializer=initializer, trainable=trainable,
+            dtype=dtype, autocast=autocast,
+        )
+    finally:
+        if locked:
+            tracker.lock()
+
+
+# ---------------------------------------------------------------------------
+# The mixin every masked class is made of
+# ---------------------------------------------------------------------------
+
+
+def _masked_property(attribute: str) -> property:
+    storage = "_" + attribute
+
+    def getter(self):
+        value = self.__dict__.get(storage)
+        if value is None:
+            value = getattr(self, storage, None)
+        masks = self.__dict__.get("_rk_masks")
+        if value is None or not masks or attribute not in masks:
+            return value  # during the base class's build
+        return backend.masked_value(value, masks[attribute], self._rk_grads.get(attribute))
+
+    def setter(self, value):
+        setattr(self, storage, value)
+
+    return property(getter, setter, doc=f"The effective (masked) `{attribute}`.")
+
+
+class MaskedWeightsMixin:
+    """Adds masks (and gradient capture) to the declared weights of a layer.
+
+    Mixed in before a Keras layer class by `masked_class`; do not use it
+    directly. A leaf class reads each declared attribute through a property
+    returning the effective weight; a container masks its declared sublayers
+    in place after its own build.
+
+    Args (extra constructor argument of every masked class):
+      capture_gradients: create a capture variable G per masked weight, so
+        RigL, SNFS and SNIP can read ∂L/∂W_eff of the training batch. Static
+        sparse training and SET do not need it (it costs one extra add and
+        one assignment per weight and step).
+    """
+
+    rigl_maskable_weights: tuple[str, ...] = ()
+
+    def __init__(self, *args, capture_gradients: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capture_gradients = bool(capture_gradients)
+
+    def get_config(self):
+        config = super().get_config()
+        config["capture_gradients"] = self.capture_gradients
+        return config
+
+    def build(self, *args, **kwargs):
+        # `masked_class` gives each masked class a copy with the base class's
+        # signature: Keras passes shapes to `build` by parameter name.
+        super().build(*args, **kwargs)
+        if getattr(self, "lora_enabled", False) or getattr(self, "quantization_mode", None):
+            raise ValueError(
+                f"Layer {self.name!r}: masked layers do not support LoRA or quantization."
+            )
+        _attach(self, self.capture_gradients)
+        for sublayer in _maskable_sublayers(self):
+            mask_in_place(sublayer, self.capture_gradients)
+
+    # -- saving -------------------------------------------------------------
     def _saved_variables(self) -> list:
-        variables = [self._kernel]
-        if getattr(self, "bias", None) is not None:
-            variables.append(self.bias)
-        variables.append(self.mask)
-        if self.grow_momentum is not None:
-            variables.append(self.grow_momentum)
-        return variables
+        # The capture variable is overwritten at every step: not saved.
+        skip = {id(g) for g in getattr(self, "_rk_grads", {}).values()}
+        own = list(self._trainable_variables) + list(self._non_trainable_variables)
+        return [v for v in own if id(v) not in skip]
 
     def save_own_variables(self, store):
-        # Keras' Dense/Conv save kernel and bias only; the mask must travel too.
+        # Keras' Dense/Conv/Embedding save only their own kernel and bias.
         if not self.built:
             return
         for i, variable in enumerate(self._saved_variables()):
@@ -130,96 +283,303 @@ class MaskedKernelMixin:
         if not self.built:
             return
         variables = self._saved_variables()
-        if len(store.keys()) == len(variables) + 1 and self.grow_momentum is None:
-            # Saved during SNFS training: recreate the momentum to load it.
-            self.ensure_grow_momentum()
+        names = declared_weights(self)
+        if len(store.keys()) == len(variables) + len(names) and not self._rk_momenta:
+            # Saved during SNFS training: recreate the momenta to load them.
+            for name in names:
+                MaskedWeight(self, name).ensure_momentum()
             variables = self._saved_variables()
         if len(store.keys()) != len(variables):
             raise ValueError(
                 f"Layer {self.name!r} ({type(self).__name__}) expected "
-                f"{len(variables)} variables (kernel, bias, mask[, grow_momentum]) but the "
-                f"saved file holds {len(store.keys())}. Was it saved from a "
-                "plain Keras layer? Use rigl_keras.sparsify on the loaded "
-                "dense model instead."
+                f"{len(variables)} variables ({[v.name for v in variables]}) but the "
+                f"saved file holds {len(store.keys())}. Was it saved from a plain "
+                "Keras layer? Load the dense model and pass it to rigl_keras.sparsify."
             )
         for i, variable in enumerate(variables):
             variable.assign(store[str(i)])
 
 
-@keras.saving.register_keras_serializable(package="rigl_keras")
-class MaskedDense(MaskedKernelMixin, keras.layers.Dense):
-    """`keras.layers.Dense` with a binary mask on its kernel.
-
-    Takes exactly the constructor arguments of `keras.layers.Dense`. The bias
-    stays dense. The mask starts all ones; `rigl_keras.sparsify` and the
-    sparse-training callbacks set it.
-    """
-
-
-@keras.saving.register_keras_serializable(package="rigl_keras")
-class MaskedConv2D(MaskedKernelMixin, keras.layers.Conv2D):
-    """`keras.layers.Conv2D` with a binary mask on its kernel.
-
-    Takes exactly the constructor arguments of `keras.layers.Conv2D`. The bias
-    stays dense.
-    """
-
-
-@keras.saving.register_keras_serializable(package="rigl_keras")
-class MaskedDepthwiseConv2D(MaskedKernelMixin, keras.layers.DepthwiseConv2D):
-    """`keras.layers.DepthwiseConv2D` with a binary mask on its kernel.
-
-    Takes exactly the constructor arguments of `keras.layers.DepthwiseConv2D`.
-    The bias stays dense.
-    """
-
-
-#: Keras layer class -> its masked replacement (exact types only: a user's
-#: subclass of Dense may change `call`, so it is not silently replaced).
-MASKED_EQUIVALENTS: dict[type, type] = {
-    keras.layers.Dense: MaskedDense,
-    keras.layers.Conv2D: MaskedConv2D,
-    keras.layers.DepthwiseConv2D: MaskedDepthwiseConv2D,
-}
+def _attach(layer, capture: bool) -> None:
+    """Creates masks (and capture variables) for a built layer's declared weights."""
+    if "_rk_masks" in layer.__dict__:
+        return
+    masks, grads = {}, {}
+    for attribute in declared_weights(layer):
+        storage = "_" + attribute
+        if attribute in layer.__dict__:  # a plain attribute shadowed by our property
+            object.__setattr__(layer, storage, layer.__dict__.pop(attribute))
+        variable = getattr(layer, storage, None)
+        if not isinstance(variable, keras.Variable):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) declares maskable "
+                f"weight {attribute!r}, but has no such variable after build."
+            )
+        shape = tuple(variable.shape)
+        masks[attribute] = _add_untracked_weight(
+            layer, f"{attribute}_mask", shape, "ones", False, MASK_DTYPE
+        )
+        if capture:
+            g = _add_untracked_weight(
+                layer, f"{attribute}_grad", shape, "zeros", True, variable.dtype, autocast=True
+            )
+            g.overwrite_with_gradient = True
+            grads[attribute] = g
+    # Plain dicts, set past Keras' attribute tracking (the variables are
+    # tracked by add_weight already).
+    object.__setattr__(layer, "_rk_masks", masks)
+    object.__setattr__(layer, "_rk_grads", grads)
+    object.__setattr__(layer, "_rk_momenta", {})
 
 
-def is_masked(layer) -> bool:
-    """Returns True if `layer` carries a rigl_keras kernel mask."""
-    return isinstance(layer, MaskedKernelMixin)
-
-
-def kernel_of(layer):
-    """The kernel variable of a maskable layer (the stored one if masked)."""
-    return layer._kernel if is_masked(layer) else layer.kernel
-
-
-def is_maskable(layer) -> bool:
-    """True for masked layers and for exact Dense/Conv2D/DepthwiseConv2D."""
-    return is_masked(layer) or type(layer) in MASKED_EQUIVALENTS
-
-
-def iter_layers(model):
-    """All layers of `model`, nested models flattened, each layer once."""
-    seen = set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            yield layer
-
-
-def maskable_layers(model) -> list:
-    """The built maskable layers of `model` in order, each once.
-
-    Shared layers appear once; nested models are searched recursively.
-    Unbuilt layers are skipped (their kernel shape is unknown).
-    """
+def _maskable_sublayers(container) -> list:
+    if not _is_container_class(_base_class(type(container))):
+        return []
     return [
         layer
-        for layer in iter_layers(model)
-        if is_maskable(layer) and layer.built
+        for layer in container._flatten_layers(include_self=False, recursive=True)
+        if declared_weights(layer) and not is_masked(layer)
     ]
 
 
-def masked_layers_of(model) -> list:
-    """The layers of `model` that carry a mask, in order, each once."""
-    return [layer for layer in iter_layers(model) if is_masked(layer)]
+def _base_class(cls):
+    """The Keras class a masked class was made from (or `cls`)."""
+    return getattr(cls, "rigl_base_class", cls)
+
+
+_MASKED_CLASSES: dict[type, type] = {}
+
+
+def masked_class(base: type) -> type:
+    """The masked version of a layer class, made and registered once.
+
+    Args:
+      base: a built-in maskable layer class, a container (LSTM, GRU,
+        SimpleRNN, MultiHeadAttention, GroupQueryAttention), or a class
+        decorated with `maskable`.
+
+    Returns:
+      A subclass of `base` named ``Masked<Base>``, registered for `.keras`
+      serialization, taking `base`'s constructor arguments plus
+      `capture_gradients`.
+
+    Raises:
+      ValueError: if `base` declares nothing maskable.
+    """
+    if issubclass(base, MaskedWeightsMixin):
+        return base
+    if base in _MASKED_CLASSES:
+        return _MASKED_CLASSES[base]
+    names = declared_weights(base)
+    if not names and not _is_container_class(base):
+        raise ValueError(
+            f"{base.__name__} declares no maskable weight; decorate it with "
+            "rigl_keras.maskable('attribute', ...)."
+        )
+    namespace = {
+        "__module__": __name__,
+        "__doc__": (
+            f"`{base.__module__}.{base.__name__}` with binary masks on "
+            f"{', '.join(names) or 'the weights of its maskable sublayers'}.\n\n"
+            "Takes the base class's constructor arguments plus `capture_gradients`."
+        ),
+        "rigl_maskable_weights": names,
+        "rigl_base_class": base,
+    }
+    for attribute in names:
+        namespace[attribute] = _masked_property(attribute)
+
+    @functools.wraps(base.build)
+    def build(self, *args, **kwargs):
+        MaskedWeightsMixin.build(self, *args, **kwargs)
+
+    namespace["build"] = build
+    name = "Masked" + base.__name__
+    cls = type(name, (MaskedWeightsMixin, base), namespace)
+    cls.__qualname__ = name
+    package = "rigl_keras" if base in _BUILTIN_LEAVES or base in _BUILTIN_CONTAINERS else (
+        "rigl_keras_custom"
+    )
+    registered = name if package == "rigl_keras" else f"{base.__module__}.{base.__qualname__}"
+    keras.saving.register_keras_serializable(package=package, name=registered)(cls)
+    _MASKED_CLASSES[base] = cls
+    return cls
+
+
+def maskable(*attributes: str):
+    """Class decorator: declares which weights of your own layer can be masked.
+
+    The layer must create each weight with ``self.<attribute> = self.add_weight(...)``
+    (or store it as ``self._<attribute>`` behind a property) and read it as
+    ``self.<attribute>`` in ``call``. A masked subclass (``Masked<Name>``) is
+    made and registered for `.keras` loading when the decorated class is
+    defined, so models saved with it load once your module is imported.
+
+    Args:
+      *attributes: the attribute names of the maskable weights.
+
+    Returns:
+      The decorator; the class is returned unchanged apart from a
+      ``rigl_maskable_weights`` attribute.
+
+    Raises:
+      ValueError: if no attribute is named, or a name is not an identifier.
+    """
+    if not attributes or not all(isinstance(a, str) and a.isidentifier() for a in attributes):
+        raise ValueError(f"`maskable` needs attribute names; got {attributes!r}.")
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+            raise ValueError(f"`maskable` decorates keras.layers.Layer subclasses; got {cls!r}.")
+        cls.rigl_maskable_weights = tuple(attributes)
+        masked_class(cls)
+        return cls
+
+    return decorate
+
+
+def mask_in_place(layer, capture_gradients: bool = True) -> None:
+    """Turns a built layer of a maskable class into its masked class, in place.
+
+    Its variables are kept; masks start all ones. Used for sublayers that a
+    container creates itself (an LSTM's cell, MultiHeadAttention's
+    projections) and by `rigl_keras.sparsify` for models whose configuration
+    does not list their layers.
+
+    Raises:
+      ValueError: if the layer is not built or declares nothing maskable.
+    """
+    if is_masked(layer):
+        return
+    if not layer.built:
+        raise ValueError(f"Layer {layer.name!r} must be built before it is masked.")
+    cls = masked_class(type(layer))
+    layer.__class__ = cls
+    object.__setattr__(layer, "capture_gradients", bool(capture_gradients))
+    _attach(layer, capture_gradients)
+    for sublayer in _maskable_sublayers(layer):
+        mask_in_place(sublayer, capture_gradients)
+
+
+def is_masked(layer) -> bool:
+    """True if `layer` carries rigl_keras masks (directly or as a masked container)."""
+    return isinstance(layer, MaskedWeightsMixin)
+
+
+# ---------------------------------------------------------------------------
+# Finding weights in a model
+# ---------------------------------------------------------------------------
+
+
+def iter_layers(model) -> Iterator[tuple[keras.layers.Layer, tuple]]:
+    """Every layer below `model` with its chain of enclosing layers, each once.
+
+    Yields:
+      (layer, chain): `chain` runs from the top-level layer down to `layer`.
+      Shared layers are yielded once, at their first position.
+    """
+    seen = {id(model)}
+
+    def walk(parent, chain):
+        for child in parent._flatten_layers(include_self=False, recursive=False):
+            if id(child) in seen or isinstance(child, keras.layers.InputLayer):
+                continue
+            seen.add(id(child))
+            yield child, chain + (child,)
+            yield from walk(child, chain + (child,))
+
+    yield from walk(model, ())
+
+
+def _weight_name(chain, attribute, n_declared) -> str:
+    name = "/".join(layer.name for layer in chain)
+    return f"{name}/{attribute}" if n_declared > 1 else name
+
+
+def _unique(weights: list) -> list:
+    counts: dict[str, int] = {}
+    for w in weights:
+        counts[w.name] = counts.get(w.name, 0) + 1
+        if counts[w.name] > 1:
+            w.name = f"{w.name}#{counts[w.name]}"
+    return weights
+
+
+def maskable_weights(model) -> list[MaskedWeight]:
+    """Every maskable weight of a built model, masked or not, in model order.
+
+    For a weight that is not masked yet, `MaskedWeight.mask` is unavailable;
+    use it for its `name`, `layer`, `attribute` and shape.
+    """
+    weights = []
+    for layer, chain in iter_layers(model):
+        names = declared_weights(layer)
+        if not names or not layer.built:
+            continue
+        for attribute in names:
+            weights.append(MaskedWeight(layer, attribute, _weight_name(chain, attribute, len(names)), chain))
+    return _unique(weights)
+
+
+def masked_weights(model) -> list[MaskedWeight]:
+    """The masked weights of `model` (those with a mask), in model order, each once."""
+    return [w for w in maskable_weights(model) if is_masked(w.layer) and "_rk_masks" in w.layer.__dict__]
+
+
+def _stored(layer, attribute):
+    value = layer.__dict__.get(attribute)
+    if value is None:
+        value = getattr(layer, "_" + attribute, None)
+    return value
+
+
+def unmaskable_weights(model) -> list[tuple[keras.layers.Layer, keras.Variable, tuple]]:
+    """Weight matrices (trainable, ≥ 2 dimensions) that no declaration covers.
+
+    Returns:
+      (layer, variable, chain) for each, in model order: weights of layer
+      classes rigl_keras does not know; they stay dense.
+    """
+    covered = set()
+    for w in maskable_weights(model):
+        stored = _stored(w.layer, w.attribute)
+        if stored is not None:
+            covered.add(id(stored))
+    found = []
+    for layer, chain in iter_layers(model):
+        for variable in layer._trainable_variables:
+            if len(variable.shape) >= 2 and id(variable) not in covered and not getattr(
+                variable, "overwrite_with_gradient", False
+            ):
+                found.append((layer, variable, chain))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Choosing weights: by name, pattern or class
+# ---------------------------------------------------------------------------
+
+#: A weight selector: a weight name, a layer name, a glob pattern over
+#: weight names ("*attention*"), or a layer class (matches any layer on the
+#: weight's chain that is an instance of it, e.g. keras.layers.Embedding).
+WeightSelector = "str | type"
+
+
+def _matches(selector, weight: MaskedWeight) -> bool:
+    if isinstance(selector, type):
+        return any(isinstance(layer, selector) for layer in weight.chain)
+    if selector == weight.name or any(layer.name == selector for layer in weight.chain):
+        return True
+    return any(ch in selector for ch in "*?[") and fnmatch.fnmatchcase(weight.name, selector)
+
+
+def select_weights(selector, weights: Iterable[MaskedWeight]) -> list[MaskedWeight]:
+    """The weights a selector picks (see `WeightSelector`)."""
+    return [w for w in weights if _matches(selector, w)]
+
+
+# The built-in masked classes, importable by name (MaskedDense, MaskedLSTM, ...).
+for _cls in list(_BUILTIN_LEAVES) + list(_BUILTIN_CONTAINERS):
+    globals()["Masked" + _cls.__name__] = masked_class(_cls)
+    __all__.append("Masked" + _cls.__name__)
+del _cls

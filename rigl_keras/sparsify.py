@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import warnings
 from collections.abc import Iterable, Mapping
 
 import keras
@@ -13,61 +15,177 @@ from rigl_keras import layers as masked_layers
 
 __all__ = [
     "sparsify",
+    "set_random_masks",
     "strip_masks",
     "sparsity_report",
     "random_mask",
-    "LayerSparsity",
+    "WeightSparsity",
     "SparsityReport",
 ]
 
-_UNMASKED = {masked: base for base, masked in masked_layers.MASKED_EQUIVALENTS.items()}
-
 
 def random_mask(shape, n_active: int, rng: np.random.Generator) -> np.ndarray:
-    """A float32 0/1 array of `shape` with exactly `n_active` ones at random."""
+    """A uint8 0/1 array of `shape` with exactly `n_active` ones at random."""
     size = int(np.prod(shape))
-    flat = np.zeros(size, dtype="float32")
-    flat[rng.permutation(size)[:n_active]] = 1.0
+    flat = np.zeros(size, dtype=masked_layers.MASK_DTYPE)
+    flat[rng.permutation(size)[:n_active]] = 1
     return flat.reshape(shape)
 
 
-def _clone(model, clone_function):
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"`model` must be a keras.Model; got {type(model).__name__}.")
-    try:
-        return keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
-        )
-    except ValueError as error:
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"`seed` must be an int; got {seed!r}.")
+    return int(seed)
+
+
+# ---------------------------------------------------------------------------
+# Rebuilding a model with masked (or plain) layer classes
+# ---------------------------------------------------------------------------
+
+
+def _class_of(entry: dict):
+    registered = entry.get("registered_name")
+    if registered:
+        found = keras.saving.get_registered_object(registered)
+        if found is not None:
+            return found
+    module = entry.get("module")
+    if isinstance(module, str) and module.startswith("keras"):
+        try:
+            return getattr(importlib.import_module(module), entry["class_name"], None)
+        except ImportError:
+            return None
+    return None
+
+
+def _rewrite(config, convert):
+    """`config` with every layer entry for which `convert(entry, cls)` gives a new class replaced."""
+    if isinstance(config, list):
+        return [_rewrite(item, convert) for item in config]
+    if not isinstance(config, dict):
+        return config
+    config = {key: _rewrite(value, convert) for key, value in config.items()}
+    if "class_name" in config and isinstance(config.get("config"), dict):
+        cls = _class_of(config)
+        target = convert(config, cls) if isinstance(cls, type) else None
+        if target is not None and target is not cls:
+            inner = dict(config["config"])
+            if issubclass(target, masked_layers.MaskedWeightsMixin):
+                inner["capture_gradients"] = convert.capture
+                config["module"] = target.__module__
+                config["registered_name"] = keras.saving.get_registered_name(target)
+            else:
+                inner.pop("capture_gradients", None)
+                builtin = target.__module__.startswith("keras")
+                config["module"] = "keras.layers" if builtin else target.__module__
+                config["registered_name"] = None if builtin else keras.saving.get_registered_name(target)
+            config["class_name"] = target.__name__
+            config["config"] = inner
+    return config
+
+
+def _rebuild(model, convert):
+    if type(model) not in (keras.Sequential, keras.Model) and type(model).__name__ != "Functional":
         raise ValueError(
-            f"Cannot rebuild model {getattr(model, 'name', model)!r}: only "
-            f"Sequential and functional models can be transformed ({error})."
+            f"Cannot rebuild model {model.name!r} ({type(model).__name__}): only Sequential "
+            "and functional models can be transformed. For a subclassed model, build it "
+            "from masked layers (rigl_keras.MaskedDense, ..., or rigl_keras.masked_class) "
+            "and draw its masks with rigl_keras.set_random_masks."
+        )
+    config = _rewrite(keras.saving.serialize_keras_object(model), convert)
+    try:
+        return keras.saving.deserialize_keras_object(config)
+    except Exception as error:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"Cannot rebuild model {model.name!r} from its configuration ({error}). Are "
+            "all its custom layers registered with keras.saving.register_keras_serializable?"
         ) from error
 
 
-def _own_variables(layer) -> list:
-    # Only the layer's own variables: a nested model's weights belong to its
-    # sublayers, which are visited (and copied) on their own.
-    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+def _rigl_variable_ids(model) -> set[int]:
+    ids = set()
+    for layer, _ in masked_layers.iter_layers(model):
+        for group in ("_rk_masks", "_rk_grads", "_rk_momenta"):
+            ids.update(id(v) for v in layer.__dict__.get(group, {}).values())
+    return ids
 
 
-def _copy_own_variables(old, new) -> None:
-    for source, target in zip(_own_variables(old), _own_variables(new)):
-        target.assign(source)
+def _base_variables(model) -> list:
+    rigl = _rigl_variable_ids(model)
+    return [v for v in model.weights if id(v) not in rigl]
 
 
-def _paired_layers(old_model, new_model):
-    # Input layers hold no weights, and cloning renames them.
-    def weighted(model):
-        return [
-            layer for layer in masked_layers.iter_layers(model)
-            if not isinstance(layer, keras.layers.InputLayer)
-        ]
+def _copy_variables(source, target, value=lambda v: v) -> None:
+    old, new = _base_variables(source), _base_variables(target)
+    if len(old) != len(new) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(old, new)):
+        raise RuntimeError("Internal error: the rebuilt model's variables do not line up.")
+    for a, b in zip(old, new):
+        b.assign(value(a))
 
-    old, new = weighted(old_model), weighted(new_model)
-    if [l.name for l in old] != [l.name for l in new]:
-        raise RuntimeError("Internal error: the cloned model's layers do not line up.")
-    return old, new
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def set_random_masks(
+    model: keras.Model,
+    sparsity: float | Mapping[str, float],
+    distribution: str = "erk",
+    *,
+    custom_sparsity: Mapping | None = None,
+    dense_layers: Iterable | None = None,
+    seed: int = 0,
+    erk_power_scale: float = 1.0,
+    sparse_embeddings: bool = True,
+) -> dict[str, float]:
+    """Draws random masks with exact counts on a model's masked weights, in place.
+
+    Works on any model whose layers are masked (a Sequential or functional
+    model from `sparsify`, a subclassed model built from `Masked*` layers).
+    Each masked weight gets exactly `active_count(N, s)` ones at random
+    (keyed to `seed` and its position), and is zeroed outside its mask.
+
+    Args:
+      model: a built model with masked layers.
+      sparsity: the overall sparsity S, or a {weight name: sparsity} map
+        (e.g. from `sparsity_distribution`) that names every masked weight.
+      distribution, custom_sparsity, dense_layers, erk_power_scale,
+      sparse_embeddings: as in `sparsity_distribution`, over the masked weights.
+      seed: seed of the random masks.
+
+    Returns:
+      {weight name: sparsity} that was applied.
+
+    Raises:
+      ValueError: for a model without masked weights or bad arguments (see
+        `sparsity_distribution`); nothing is changed then.
+    """
+    seed = _check_seed(seed)
+    weights = masked_layers.masked_weights(model)
+    if not weights:
+        raise ValueError(
+            f"Model {getattr(model, 'name', model)!r} has no masked weight: build it "
+            "from rigl_keras masked layers or use rigl_keras.sparsify."
+        )
+    if isinstance(sparsity, Mapping):
+        missing = sorted({w.name for w in weights} - set(sparsity))
+        if missing:
+            raise ValueError(f"`sparsity` does not name the masked weights {missing}.")
+        sparsities = {w.name: float(sparsity[w.name]) for w in weights}
+    else:
+        sparsities = distributions.sparsity_distribution(
+            model, sparsity, distribution, custom_sparsity=custom_sparsity,
+            dense_layers=dense_layers, erk_power_scale=erk_power_scale,
+            sparse_embeddings=sparse_embeddings,
+        )
+    for index, w in enumerate(weights):
+        s = sparsities.get(w.name, 0.0)
+        mask = random_mask(w.shape, distributions.active_count(w.size, s),
+                           np.random.default_rng([seed, index]))
+        w.mask.assign(mask)
+        w.variable.assign(keras.ops.convert_to_numpy(w.variable) * mask)
+    return {w.name: sparsities.get(w.name, 0.0) for w in weights}
 
 
 def sparsify(
@@ -75,75 +193,98 @@ def sparsify(
     sparsity: float,
     distribution: str = "erk",
     *,
-    custom_sparsity: Mapping[str, float] | None = None,
-    dense_layers: Iterable[str] | None = None,
+    custom_sparsity: Mapping | None = None,
+    dense_layers: Iterable | None = None,
     seed: int = 0,
     erk_power_scale: float = 1.0,
+    sparse_embeddings: bool = False,
+    capture_gradients: bool = True,
 ) -> keras.Model:
-    """A copy of `model` whose Dense, Conv2D and DepthwiseConv2D layers are masked.
+    """A copy of `model` whose weight matrices are masked, with exact random masks.
 
-    Weights are copied; each masked layer gets a random mask with exactly
-    `active_count(N, s_l)` ones, s_l from `sparsity_distribution`, and its
-    kernel is zeroed outside the mask. The input model is not modified.
+    Every layer of a supported kind (Dense, EinsumDense and so
+    MultiHeadAttention, Conv1D/2D/3D and their transposes, depthwise and
+    separable convolutions, SimpleRNN/LSTM/GRU, Embedding when asked, and
+    your own layers declared with `rigl_keras.maskable`) becomes its masked
+    class, inside Bidirectional, TimeDistributed, nested models and
+    shared-layer graphs too. Weights are copied; each masked weight gets
+    `active_count(N, s)` ones, s from `sparsity_distribution`. The input
+    model is not modified. Weight matrices of layers that cannot be masked
+    stay dense, are named in a warning and listed in `sparsity_report`.
 
     Args:
-      model: a built Sequential or functional Keras model (nested models are
-        handled recursively; shared layers stay shared).
+      model: a built Sequential or functional Keras model.
       sparsity: the overall sparsity S in [0, 1).
       distribution: "uniform", "er" or "erk" (see `sparsity_distribution`).
-      custom_sparsity: {layer name: sparsity} overrides.
-      dense_layers: names of layers to keep dense (their mask is all ones).
+      custom_sparsity: {selector: sparsity} overrides (weight or layer name,
+        glob pattern, or layer class).
+      dense_layers: selectors of weights to keep dense (masked, all ones).
       seed: seed of the random masks.
-      erk_power_scale: exponent of the ER/ERK scale.
+      erk_power_scale: exponent of the ERK scale.
+      sparse_embeddings: mask Embedding weights too (dense by default).
+      capture_gradients: give each masked weight a capture variable holding
+        ∂L/∂W_eff of the last training batch, which RigL, SNFS and SNIP read.
+        Static sparse training and SET can pass False to save its small cost.
 
     Returns:
-      A new model with the same architecture, names and weights, in which
-      every maskable layer is a `Masked*` layer.
+      A new model with the same architecture, names and weights.
 
     Raises:
       ValueError: for bad arguments (see `sparsity_distribution`), a model
-        that is not Sequential/functional, or a non-integer seed.
+        that is not Sequential/functional, a model that is already masked,
+        or a non-integer seed.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"`seed` must be an int; got {seed!r}.")
+    seed = _check_seed(seed)
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model; got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} must be built before it is sparsified.")
+    if masked_layers.masked_weights(model):
+        raise ValueError(
+            f"Model {model.name!r} is already masked. Use rigl_keras.set_random_masks to "
+            "draw new masks, or strip_masks to get a dense model back."
+        )
     sparsities = distributions.sparsity_distribution(
-        model,
-        sparsity,
-        distribution,
-        custom_sparsity=custom_sparsity,
-        dense_layers=dense_layers,
-        erk_power_scale=erk_power_scale,
+        model, sparsity, distribution, custom_sparsity=custom_sparsity,
+        dense_layers=dense_layers, erk_power_scale=erk_power_scale,
+        sparse_embeddings=sparse_embeddings,
     )
+    embeddings = {
+        w.layer.name for w in masked_layers.maskable_weights(model)
+        if w.name in sparsities and isinstance(w.layer, keras.layers.Embedding)
+    }
 
-    def to_masked(layer):
-        cls = masked_layers.MASKED_EQUIVALENTS.get(type(layer), type(layer))
-        return cls.from_config(layer.get_config())
+    def to_masked(entry, cls):
+        if masked_layers.declared_weights(cls):
+            if issubclass(cls, keras.layers.Embedding) and entry["config"].get("name") not in embeddings:
+                return None
+            return masked_layers.masked_class(cls)
+        if masked_layers._is_container_class(cls):
+            return masked_layers.masked_class(cls)
+        return None
 
-    new_model = _clone(model, to_masked)
-    old_layers, new_layers = _paired_layers(model, new_model)
-    for index, (old, new) in enumerate(zip(old_layers, new_layers)):
-        if not masked_layers.is_masked(new):
-            _copy_own_variables(old, new)
-            continue
-        kernel = keras.ops.convert_to_numpy(old.kernel)
-        n_active = distributions.active_count(kernel.size, sparsities[new.name])
-        rng = np.random.default_rng([int(seed), index])
-        mask = random_mask(kernel.shape, n_active, rng)
-        new.mask.assign(mask)
-        new.raw_kernel.assign(kernel * mask)
-        if old.bias is not None:
-            new.bias.assign(old.bias)
+    to_masked.capture = bool(capture_gradients)
+    new_model = _rebuild(model, to_masked)
+    _copy_variables(model, new_model)
+    set_random_masks(new_model, sparsities, seed=seed)
+    left = masked_layers.unmaskable_weights(new_model)
+    if left:
+        warnings.warn(
+            "rigl_keras.sparsify: these weight matrices cannot be masked and stay dense: "
+            + ", ".join(f"{'/'.join(l.name for l in chain)}:{v.name} ({type(layer).__name__})"
+                        for layer, v, chain in left),
+            UserWarning,
+            stacklevel=2,
+        )
     return new_model
 
 
 def strip_masks(model: keras.Model) -> keras.Model:
-    """An ordinary Keras model with the masked weights zeroed.
+    """An ordinary, uncompiled Keras model with the masked weights zeroed.
 
-    Every `Masked*` layer becomes its plain Keras layer, with the effective
-    (masked) kernel as its kernel, so predictions are identical and the model
-    loads anywhere without rigl_keras.
+    Every masked layer becomes its plain Keras class with the effective
+    (masked) weights, so predictions are identical and the model loads
+    anywhere without rigl_keras. No optimizer state is carried.
 
     Args:
       model: a Sequential or functional model, masked or not.
@@ -155,32 +296,33 @@ def strip_masks(model: keras.Model) -> keras.Model:
       ValueError: for a model that is not Sequential/functional.
     """
 
-    def to_plain(layer):
-        cls = _UNMASKED.get(type(layer), type(layer))
-        return cls.from_config(layer.get_config())
+    def to_plain(entry, cls):
+        return masked_layers._base_class(cls) if issubclass(cls, masked_layers.MaskedWeightsMixin) else None
 
-    new_model = _clone(model, to_plain)
-    old_layers, new_layers = _paired_layers(model, new_model)
-    for old, new in zip(old_layers, new_layers):
-        if masked_layers.is_masked(old):
-            new.kernel.assign(keras.ops.convert_to_numpy(old.kernel))
-            if old.bias is not None:
-                new.bias.assign(old.bias)
-        else:
-            _copy_own_variables(old, new)
+    to_plain.capture = False
+    effective = {id(w.variable): w for w in masked_layers.masked_weights(model)}
+
+    def value(variable):
+        w = effective.get(id(variable))
+        return variable if w is None else keras.ops.convert_to_numpy(w.effective())
+
+    new_model = _rebuild(model, to_plain)
+    _copy_variables(model, new_model, value)
     return new_model
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerSparsity:
-    """One row of a `SparsityReport`.
+class WeightSparsity:
+    """One row of a `SparsityReport`: one weight matrix.
 
     Attributes:
-      name: the layer's name.
-      kind: the layer's class name.
-      total: number of kernel weights N.
-      active: number of active weights (mask ones; N for unmasked layers).
-      note: why a layer is dense, if it is ("not masked", "cannot be masked").
+      name: the weight's name (see `rigl_keras.layers.MaskedWeight.name`).
+      kind: the class name of the layer that owns it.
+      total: number of entries N.
+      active: active entries (mask ones; non-zero entries if not masked).
+      note: why a weight is not masked, if it is not ("not masked",
+        "embedding: dense by default", "cannot be masked: no declaration for
+        <class>").
     """
 
     name: str
@@ -202,45 +344,45 @@ class LayerSparsity:
 
 @dataclasses.dataclass(frozen=True)
 class SparsityReport:
-    """Per-layer kernel sparsity of a model; `str()` gives a table.
+    """Per-weight sparsity of a model; `str()` gives a table.
 
     Attributes:
-      layers: one `LayerSparsity` per layer with a kernel.
+      weights: one `WeightSparsity` per weight matrix (masked, maskable or not).
     """
 
-    layers: tuple[LayerSparsity, ...]
+    weights: tuple[WeightSparsity, ...]
 
     @property
     def total(self) -> int:
-        """Kernel weights of all reported layers."""
-        return sum(row.total for row in self.layers)
+        """Entries of all reported weights."""
+        return sum(row.total for row in self.weights)
 
     @property
     def active(self) -> int:
-        """Active kernel weights of all reported layers."""
-        return sum(row.active for row in self.layers)
+        """Active entries of all reported weights."""
+        return sum(row.active for row in self.weights)
 
     @property
     def density(self) -> float:
-        """Overall density of the reported kernels."""
+        """Overall density of the reported weights."""
         return self.active / self.total if self.total else 1.0
 
-    def __getitem__(self, name: str) -> LayerSparsity:
-        for row in self.layers:
+    def __getitem__(self, name: str) -> WeightSparsity:
+        for row in self.weights:
             if row.name == name:
                 return row
         raise KeyError(name)
 
     def __iter__(self):
-        return iter(self.layers)
+        return iter(self.weights)
 
     def __len__(self):
-        return len(self.layers)
+        return len(self.weights)
 
     def __str__(self) -> str:
-        width = max([len(r.name) for r in self.layers] + [5])
-        lines = [f"{'layer':<{width}}  {'kind':<22} {'total':>10} {'active':>10} {'density':>8}  note"]
-        for r in self.layers:
+        width = max([len(r.name) for r in self.weights] + [6])
+        lines = [f"{'weight':<{width}}  {'kind':<22} {'total':>10} {'active':>10} {'density':>8}  note"]
+        for r in self.weights:
             lines.append(
                 f"{r.name:<{width}}  {r.kind:<22} {r.total:>10} {r.active:>10} {r.density:>8.4f}  {r.note}"
             )
@@ -248,20 +390,13 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def _plain_kernel(layer):
-    kernel = getattr(layer, "_kernel", None)
-    if kernel is None:
-        kernel = getattr(layer, "kernel", None)
-    return kernel if isinstance(kernel, keras.Variable) else None
-
-
 def sparsity_report(model: keras.Model) -> SparsityReport:
-    """Per-layer total weights, active weights and density of a model's kernels.
+    """Total and active entries of every weight matrix of a model.
 
-    Masked layers report their mask; maskable layers that are not masked
-    report all weights active with the note "not masked"; other layers with a
-    `kernel` variable (Conv1D, Conv3D, ...) are left dense and noted
-    "cannot be masked".
+    Masked weights report their mask. Maskable weights that are not masked
+    report their non-zero entries with a note ("not masked", or for an
+    embedding "embedding: dense by default"); weight matrices that no
+    declaration covers are listed with "cannot be masked: ...".
 
     Args:
       model: any built Keras model.
@@ -270,18 +405,19 @@ def sparsity_report(model: keras.Model) -> SparsityReport:
       A `SparsityReport`.
     """
     rows = []
-    for layer in masked_layers.iter_layers(model):
-        if masked_layers.is_masked(layer) and layer.built:
-            total = int(np.prod(layer.mask.shape))
-            active = int(np.sum(keras.ops.convert_to_numpy(layer.mask) != 0))
-            note = ""
-        elif masked_layers.is_maskable(layer) and layer.built:
-            total = active = int(np.prod(layer.kernel.shape))
-            note = "not masked"
-        elif layer.built and _plain_kernel(layer) is not None:
-            total = active = int(np.prod(_plain_kernel(layer).shape))
-            note = "cannot be masked"
-        else:
+    for w in masked_layers.maskable_weights(model):
+        kind = type(w.layer).__name__
+        if "_rk_masks" in w.layer.__dict__:
+            mask = keras.ops.convert_to_numpy(w.mask)
+            rows.append(WeightSparsity(w.name, kind, int(mask.size), int(np.count_nonzero(mask))))
             continue
-        rows.append(LayerSparsity(layer.name, type(layer).__name__, total, active, note))
+        value = keras.ops.convert_to_numpy(masked_layers._stored(w.layer, w.attribute))
+        note = ("embedding: dense by default"
+                if isinstance(w.layer, keras.layers.Embedding) else "not masked")
+        rows.append(WeightSparsity(w.name, kind, int(value.size), int(np.count_nonzero(value)), note))
+    for layer, variable, chain in masked_layers.unmaskable_weights(model):
+        size = int(np.prod(variable.shape))
+        name = "/".join([l.name for l in chain] + [variable.name])
+        rows.append(WeightSparsity(name, type(layer).__name__, size, size,
+                                   f"cannot be masked: no declaration for {type(layer).__name__}"))
     return SparsityReport(tuple(rows))
