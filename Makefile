@@ -11,10 +11,14 @@ DEMO_DIR ?= out/demo
 install:
 	$(PIP) install -q -e ".[examples]"
 
+# The suite runs once per Keras backend. torch==2.13.0 is the CPU build
+# served from this machine's disk; a plain `torch` would pull a CUDA build.
+BACKENDS ?= tensorflow jax torch
+
 # tf_keras must match the installed TensorFlow's minor version, or pip would
 # replace TensorFlow with the version that the newest tf_keras wants.
 install-test: install
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,jax]" "torch==2.13.0"
 	$(PIP) install -q tensorflow-model-optimization \
 	  "tf_keras==$$($(PYTHON) -c 'import tensorflow as tf; print(".".join(tf.__version__.split(".")[:2]))').*"
 
@@ -26,7 +30,11 @@ demo: install data
 	$(PYTHON) examples/reproduce.py --quick --output_dir $(DEMO_DIR)
 
 test: install-test data
-	$(PYTHON) -m pytest -q
+	@set -e; for backend in $(BACKENDS); do \
+	  echo "=== KERAS_BACKEND=$$backend"; \
+	  KERAS_BACKEND=$$backend $(PYTHON) -m pytest -q; \
+	done
 
 bench: install
-	$(PYTHON) benchmarks/step_time.py
+	$(PIP) install -q -e ".[jax]" "torch==2.13.0"
+	@for backend in $(BACKENDS); do $(PYTHON) benchmarks/step_time.py --backend $$backend; done

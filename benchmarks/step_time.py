@@ -1,10 +1,12 @@
-"""Training-step time of LeNet-300-100: dense vs masked (90%, no updates) vs RigL (ΔT=100).
+"""Training-step time of LeNet-300-100 per method, as ratios to dense, on one backend.
 
-All three are timed in one process, interleaved round by round, and the
-script prints each one's median step time and its ratio to dense. Absolute
-times depend on the machine; the ratios are what to compare.
+Dense, static sparse (90%, no gradient capture), static sparse with gradient
+capture, SET, RigL and SNFS (ΔT = 100, gradients captured from the training
+step) and gradual magnitude pruning are timed in one process, interleaved
+round by round; the script prints each one's median step time and its ratio
+to dense. Absolute times depend on the machine; the ratios are what to compare.
 
-    python benchmarks/step_time.py [--steps 300] [--rounds 5] [--batch_size 100]
+    python benchmarks/step_time.py --backend {tensorflow,jax,torch} [--steps 300] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "--backend" in sys.argv:  # must be set before Keras is imported
+    os.environ["KERAS_BACKEND"] = sys.argv[sys.argv.index("--backend") + 1]
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import rigl_keras as rk  # noqa: E402
+from rigl_keras import baselines  # noqa: E402
 
 
 def lenet_300_100() -> keras.Model:
@@ -63,6 +68,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed epochs per configuration")
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--delta_t", type=int, default=100)
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
+                        help="Keras backend (default: KERAS_BACKEND or Keras' default)")
     args = parser.parse_args()
 
     keras.utils.set_random_seed(0)
@@ -71,13 +78,21 @@ def main() -> None:
     x = rng.random((n, 784), dtype="float32")
     y = rng.integers(0, 10, n)
     total = (args.rounds + 1) * args.steps
+    schedule = dict(delta_t=args.delta_t, end_step=total)
+
+    def sparse(capture):
+        return compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform", capture_gradients=capture))
+
     configs = {
         "dense": (compiled(lenet_300_100()), []),
-        "masked 90%": (compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform")), []),
-        f"RigL ΔT={args.delta_t}": (
-            compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform")),
-            [rk.RigLCallback(delta_t=args.delta_t, end_step=total, grow_data=(x, y),
-                             grow_batch_size=args.batch_size)],
+        "static 90%": (sparse(False), []),
+        "static+capture": (sparse(True), []),
+        "SET": (sparse(False), [baselines.SETCallback(**schedule)]),
+        "RigL": (sparse(True), [rk.RigLCallback(**schedule)]),
+        "SNFS": (sparse(True), [baselines.SNFSCallback(**schedule)]),
+        "pruning": (
+            compiled(rk.sparsify(lenet_300_100(), 0.0, "uniform", capture_gradients=False)),
+            [baselines.MagnitudePruningCallback(0.9, 0, total, args.delta_t)],
         ),
     }
     times = {name: [] for name in configs}

@@ -432,6 +432,26 @@ class DynamicSparseCallback(SparseTrainingCallback):
         return results
 
 
+def _gradient_scale(optimizer) -> float:
+    """The factor by which the last step's captured gradients are scaled.
+
+    Keras overwrites capture variables before it unscales gradients, so a
+    loss-scaled step leaves G multiplied by the loss scale it used.
+    """
+    scale = 1.0
+    factor = getattr(optimizer, "loss_scale_factor", None)
+    if factor:
+        scale *= float(factor)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        dynamic = float(ops.convert_to_numpy(optimizer.dynamic_scale))
+        if int(ops.convert_to_numpy(optimizer.step_counter)) == 0 and int(
+            ops.convert_to_numpy(optimizer.iterations)
+        ) > 0:
+            dynamic /= 2.0  # the scale doubled right after this step's gradient
+        scale *= dynamic
+    return scale
+
+
 class GradientSource:
     """Where dense gradients ∂L/∂W_eff come from: the training step, or `grow_data`.
 
@@ -468,7 +488,8 @@ class GradientSource:
     def gradients(self, model, weights, step: int) -> list:
         """One dense gradient per weight (as of the last step, or on a drawn batch)."""
         if self.captured:
-            return [ops.stop_gradient(w.gradient.value) for w in weights]
+            scale = _gradient_scale(model.optimizer)
+            return [ops.stop_gradient(w.gradient.value) / scale for w in weights]
         # Rebuilt when the model is recompiled: the loss is traced in.
         key = (id(model), tuple(id(w.variable) for w in weights), id(getattr(model, "_compile_loss", None)),
                id(model.optimizer))

@@ -82,9 +82,7 @@ def _erk_scale(weight, distribution: str, power: float) -> float:
 
 
 def _is_embedding(weight) -> bool:
-    import keras
-
-    return isinstance(weight.layer, keras.layers.Embedding)
+    return masked_layers.is_embedding(weight.layer)
 
 
 def _resolve(selectors, weights, argument) -> dict:

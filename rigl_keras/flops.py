@@ -2,19 +2,37 @@
 
 Counting rules (see docs/flops.md for the reasoning and the paper comparison):
 
-* Only the kernels of Dense, Conv2D and DepthwiseConv2D layers (plain Keras or
-  the ``Masked*`` versions, nested models included) are counted. Every kernel
-  weight is used once per output position, so a layer costs
-  ``2 · N · P`` FLOPs per sample: N kernel weights, P output positions (output
-  elements per sample divided by output channels), one multiply and one add
-  per weight and position. ``2 · MACs`` is exactly the number of multiplies
-  plus adds when the bias add is counted (K multiplies, K − 1 adds, 1 bias
-  add per output), so biases need no separate term.
-* A sparse layer with n of its N weights active costs ``2 · n · P``, i.e.
+* Every maskable weight (`rigl_keras.layers.maskable_weights`: plain Keras
+  layers or their ``Masked*`` versions, inside nested models, Bidirectional,
+  TimeDistributed, RNNs and MultiHeadAttention) is counted on its own; a
+  weight of N entries used P times per sample costs ``2 · N · P`` FLOPs, one
+  multiply and one add per entry and use. ``2 · MACs`` is exactly the number
+  of multiplies plus adds when the bias add is counted (K multiplies, K − 1
+  adds, 1 bias add per output), so biases need no separate term. P is:
+
+  - Dense, Conv1D/2D/3D, DepthwiseConv1D/2D, and both kernels of
+    SeparableConv1D/2D: output positions (output elements per sample divided
+    by output channels; the depthwise step of a separable convolution has
+    the same positions as its output);
+  - Conv1D/2D/3DTranspose: *input* positions (each input position scatters
+    through the whole kernel once);
+  - EinsumDense: the product of the equation's dims that are not in the
+    kernel, the batch aside (for MultiHeadAttention's projections: the
+    sequence length);
+  - SimpleRNN/LSTM/GRU cells: kernel and recurrent kernel are each used once
+    per time step (a matrix-vector product per step), with the time steps
+    taken from the RNN's input shape (its output may be the last step only);
+  - Embedding: 0, a lookup has no multiply-adds (its weights are still
+    counted as parameters);
+  - inside TimeDistributed: the inner layer's P times the time steps; inside
+    Bidirectional: both directions; a shared layer (or nested model) called
+    twice counts twice.
+* A sparse weight with n of its N entries active costs ``2 · n · P``, i.e.
   dense FLOPs × density.
-* Batch normalization, activations, pooling, residual additions and the loss
-  are not counted (the paper omits batch normalization and cross entropy;
-  the rest is elementwise and would not scale with density).
+* Batch normalization, activations, pooling, attention's score and softmax
+  products (they have no weights), residual additions and the loss are not
+  counted (the paper omits batch normalization and cross entropy; the rest
+  does not scale with density).
 
 Training FLOPs per sample and step follow Appendix A with f_D the dense and
 f_S the sparse inference FLOPs, and are scaled by the training-steps
@@ -74,17 +92,20 @@ _PAPER_PRUNE_BEGIN, _PAPER_PRUNE_END, _PAPER_PRUNE_FREQUENCY = 10000, 25000, 100
 
 @dataclasses.dataclass(frozen=True)
 class LayerFlops:
-    """Inference cost of one maskable layer, per sample.
+    """Inference cost of one maskable weight, per sample.
 
     Attributes:
-      name: the layer's name.
-      layer_type: the layer's class name (e.g. "Conv2D", "MaskedDense").
-      kernel_shape: shape of the kernel.
-      output_shape: the layer's output shape (first call), batch dim included.
-      kernel_size: N, the number of kernel weights.
-      active: n, the number of active (non-pruned) kernel weights.
-      positions: P, output positions per sample, summed over the layer's
-        calls (a shared layer called twice counts twice).
+      name: the weight's name (`MaskedWeight.name`, e.g. "fc1",
+        "lstm/lstm_cell/recurrent_kernel", "sep/depthwise_kernel").
+      layer_type: the owning layer's class name (e.g. "Conv2D", "MaskedDense",
+        "LSTMCell").
+      kernel_shape: shape of the weight.
+      output_shape: the owning layer's output shape (first call), batch dim
+        included; for a recurrent cell, one step's output.
+      kernel_size: N, the number of entries.
+      active: n, the number of active (non-pruned) entries.
+      positions: P, the uses of each entry per sample, summed over the
+        layer's calls (see the module docstring; 0 for Embedding).
     """
 
     name: str
@@ -158,8 +179,8 @@ class FlopsReport:
 
     @property
     def flops_ratio(self) -> float:
-        """f_S / f_D."""
-        return self.flops / self.dense_flops
+        """f_S / f_D (1.0 if the model has no multiply-adds, e.g. only embeddings)."""
+        return self.flops / self.dense_flops if self.dense_flops else 1.0
 
     @property
     def kernel_params(self) -> int:
@@ -211,38 +232,279 @@ class FlopsReport:
         }
 
 
-def _output_shapes(layer) -> list[tuple]:
-    """Output shapes of every call of `layer` (one per inbound node)."""
-    shapes = [
-        tuple(tensor.shape)
-        for node in getattr(layer, "_inbound_nodes", [])
-        for tensor in node.output_tensors
-    ]
-    if shapes:
-        return shapes
-    # A layer built by hand and never called: infer from its build shape.
+# --------------------------------------------------------------------------
+# Where each weight is used: shapes of the calls of its layer
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call of a layer: its first input's shape, its output's shape (or
+    None if not recorded), how many times it runs per sample (time steps of
+    an enclosing RNN or TimeDistributed), and whether it is one step of an RNN."""
+
+    input_shape: tuple | None
+    output_shape: tuple | None
+    repeat: int = 1
+    per_step: bool = False
+    node: object = None  # the graph node, when the call is recorded in one
+
+
+def _shape(shape) -> tuple | None:
+    if shape is None:
+        return None
+    return tuple(None if d is None else int(d) for d in shape)
+
+
+def _graph_node_ids(model) -> set[int] | None:
+    """Ids of the nodes of `model`'s own graph; None if it is not a graph model.
+
+    A layer of a Sequential model loaded from a `.keras` file carries more
+    inbound nodes than the model runs (the model is built more than once
+    while loading); only the nodes of the model's graph are calls.
+    """
+    if not isinstance(model, keras.Model):
+        return None
+    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
+    by_depth = getattr(graph, "_nodes_by_depth", None)
+    if not by_depth:
+        return None
+    return {id(node) for nodes in by_depth.values() for node in nodes}
+
+
+def _first_shape(value) -> tuple | None:
+    """The first shape in a (nested) build-shape argument."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = next(iter(value.values()), None)
+        return _first_shape(value)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, dict)):
+        return _first_shape(value[0])
+    if isinstance(value, (list, tuple)):
+        return _shape(value)
+    shape = getattr(value, "shape", None)
+    return _shape(shape) if shape is not None else None
+
+
+def _build_call(layer, repeat: int = 1) -> _Call:
+    """A call inferred from the shape `layer` was built with."""
     build_shapes = getattr(layer, "_build_shapes_dict", None) or {}
-    input_shape = next(iter(build_shapes.values()), None)
+    input_shape = next(
+        (s for s in (_first_shape(v) for v in build_shapes.values()) if s is not None), None
+    )
     if input_shape is None:
         raise ValueError(
-            f"Cannot tell the output shape of layer {layer.name!r}: it has "
-            "never been called and has no recorded input shape."
+            f"Cannot tell the shapes of layer {layer.name!r}: it has never been "
+            "called and has no recorded input shape."
         )
-    return [tuple(layer.compute_output_shape(input_shape))]
+    return _Call(input_shape, None, repeat)
 
 
-def _positions(layer, shape: tuple) -> int:
-    """Output elements per sample divided by output channels."""
+def _graph_calls(layer, parent) -> list[_Call] | None:
+    """The calls of `layer` recorded in the graph of `parent`, or None."""
+    ids = _graph_node_ids(parent)
+    if ids is None:
+        return None
+    calls = []
+    for node in getattr(layer, "_inbound_nodes", []):
+        if id(node) not in ids:
+            continue
+        inputs = [t for t in node.input_tensors]
+        outputs = [t for t in node.output_tensors]
+        calls.append(
+            _Call(
+                _shape(inputs[0].shape) if inputs else None,
+                _shape(outputs[0].shape) if outputs else None,
+                node=node,
+            )
+        )
+    return calls or None
+
+
+def _time_steps(layer, shape) -> int:
+    if shape is None or len(shape) < 3 or shape[1] is None:
+        raise ValueError(
+            f"Layer {layer.name!r} has input shape {shape} with an unknown number "
+            "of time steps; FLOPs need a fixed input shape (e.g. keras.Input((T, F)))."
+        )
+    return int(shape[1])
+
+
+def _calls(weight, model) -> list[_Call]:
+    """The calls of `weight.layer`, walking its chain down from `model`.
+
+    Layers of a graph model (functional, Sequential, nested ones) take their
+    calls from the graph; a nested model called k times runs its layers k
+    times. Below Bidirectional both directions see the wrapper's input;
+    below TimeDistributed and RNN the inner layer or cell runs once per time
+    step. Sublayers of other layers (MultiHeadAttention's projections, custom
+    layers) use the shape they were built with, once per call of their parent.
+    """
+    calls: list[_Call] | None = None
+    parent = model
+    for layer in weight.chain:
+        runs = 1 if calls is None else sum(c.repeat for c in calls)
+        own = _graph_calls(layer, parent)
+        if own is not None:
+            calls = [dataclasses.replace(c, repeat=c.repeat * runs) for c in own]
+        elif calls is not None and isinstance(parent, keras.layers.Bidirectional):
+            calls = [_Call(c.input_shape, None, c.repeat, c.per_step) for c in calls]
+        elif calls is not None and isinstance(parent, (keras.layers.TimeDistributed, keras.layers.RNN)):
+            calls = [
+                _Call(
+                    (c.input_shape[0],) + tuple(c.input_shape[2:]),
+                    None,
+                    c.repeat * _time_steps(parent, c.input_shape),
+                    c.per_step or isinstance(parent, keras.layers.RNN),
+                )
+                for c in calls
+            ]
+        elif calls is not None and isinstance(parent, keras.layers.MultiHeadAttention) and all(
+            c.node is not None for c in calls
+        ):
+            calls = [_attention_call(parent, layer, c) for c in calls]
+        elif calls is not None and isinstance(parent, keras.layers.StackedRNNCells):
+            pass  # every cell runs once per step of the RNN
+        else:
+            calls = [_build_call(layer, runs)]
+        parent = layer
+    return calls
+
+
+def _attention_call(attention, sublayer, call: _Call) -> _Call:
+    """The call of one of MultiHeadAttention's projections in a call of it.
+
+    Built from the attention's query/value/key shapes: the projections are
+    built with the sequence length left open, so their own build shapes
+    cannot tell it.
+    """
+    args, kwargs = list(call.node.arguments.args), call.node.arguments.kwargs
+    query = args[0] if args else kwargs.get("query")
+    value = args[1] if len(args) > 1 else kwargs.get("value")
+    key = args[2] if len(args) > 2 else kwargs.get("key")
+    key = value if key is None else key
+    query, value, key = (_shape(t.shape) if t is not None else None for t in (query, value, key))
+    inputs = {
+        id(getattr(attention, "_query_dense", None)): query,
+        id(getattr(attention, "_gate_dense", None)): query,
+        id(getattr(attention, "_key_dense", None)): key,
+        id(getattr(attention, "_value_dense", None)): value,
+    }
+    if query is not None:
+        inputs[id(getattr(attention, "_output_dense", None))] = tuple(query[:-1]) + (
+            attention._num_heads, attention._value_dim,
+        )
+    shape = inputs.get(id(sublayer))
+    if shape is None:
+        return _build_call(sublayer, call.repeat)
+    return _Call(shape, None, call.repeat, call.per_step)
+
+
+def _output_shape(layer, call: _Call) -> tuple:
+    if call.output_shape is not None:
+        return call.output_shape
+    try:
+        shape = layer.compute_output_shape(call.input_shape)
+    except Exception as error:  # noqa: BLE001 - any failure means "unknown"
+        raise ValueError(
+            f"Cannot tell the output shape of layer {layer.name!r} for input "
+            f"shape {call.input_shape}: {error}"
+        ) from error
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+        shape = shape[0]
+    return _shape(shape)
+
+
+def _fixed(layer, shape: tuple, what: str = "output") -> tuple:
     dims = shape[1:]
     if any(d is None for d in dims):
         raise ValueError(
-            f"Layer {layer.name!r} has output shape {shape} with an unknown "
+            f"Layer {layer.name!r} has {what} shape {shape} with an unknown "
             "non-batch dimension; FLOPs need a fixed input shape (build the "
             "model with e.g. input_shape=(224, 224, 3))."
         )
+    return dims
+
+
+def _spatial_positions(layer, shape: tuple, what: str = "output") -> int:
+    """Elements per sample divided by channels."""
+    dims = _fixed(layer, shape, what)
     channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
     channels = dims[0] if channels_first else dims[-1]
     return int(np.prod(dims)) // int(channels)
+
+
+def _einsum_letters(spec: str, rank: int) -> list[str]:
+    """The letters of an einsum operand, its ellipsis expanded right-aligned."""
+    if "..." not in spec:
+        return list(spec)
+    before, after = spec.split("...")
+    n = rank - len(before) - len(after)
+    return list(before) + [f"...{n - j}" for j in range(n)] + list(after)
+
+
+def _einsum_positions(layer, input_shape: tuple, output_shape: tuple) -> int:
+    """Uses of each EinsumDense kernel weight per sample.
+
+    Every letter of the equation not in the kernel (the batch aside)
+    multiplies the work of each kernel weight: the output dims the kernel
+    does not produce (e.g. the sequence in MultiHeadAttention's projections)
+    and any input dim summed without the kernel.
+    """
+    equation = layer.equation.replace(" ", "")
+    operands, output_spec = equation.split("->")
+    input_spec, kernel_spec = operands.split(",")
+    sizes, batch = {}, set()
+    for spec, shape in ((input_spec, input_shape), (output_spec, output_shape)):
+        for i, (letter, size) in enumerate(zip(_einsum_letters(spec, len(shape)), shape)):
+            if i == 0:
+                batch.add(letter)
+            elif letter not in sizes:
+                if size is None:
+                    _fixed(layer, shape, "input" if spec is input_spec else "output")
+                sizes[letter] = int(size)
+    return int(np.prod([s for c, s in sizes.items() if c not in kernel_spec and c not in batch]))
+
+
+_TRANSPOSED = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+_CELLS = (keras.layers.SimpleRNNCell, keras.layers.LSTMCell, keras.layers.GRUCell)
+
+
+def _is_lookup(layer) -> bool:
+    is_embedding = getattr(masked_layers, "is_embedding", None)
+    return is_embedding(layer) if is_embedding else isinstance(layer, keras.layers.Embedding)
+
+
+def _reverse_call(call: _Call) -> bool:
+    """A ReversibleEmbedding called with reverse=True: a matmul with the table."""
+    if call.node is None:
+        return False
+    args, kwargs = call.node.arguments.args, call.node.arguments.kwargs
+    return bool(kwargs.get("reverse", len(args) > 1 and args[1] is True))
+
+
+def _uses(weight, call: _Call) -> tuple[int, tuple]:
+    """(uses of each weight entry per sample, the output shape shown) for one call."""
+    layer = weight.layer
+    if _is_lookup(layer) and not (_reverse_call(call) and getattr(layer, "tie_weights", True)):
+        return 0, call.output_shape or ()
+    if call.per_step or isinstance(layer, _CELLS):
+        # Kernel and recurrent kernel: one matrix-vector product per step.
+        units = getattr(layer, "units", None)
+        return call.repeat, (call.input_shape[0], units) if units else ()
+    if isinstance(layer, _TRANSPOSED):
+        # Each input position scatters through the whole kernel once.
+        positions = _spatial_positions(layer, call.input_shape, "input")
+        return call.repeat * positions, _output_shape(layer, call)
+    output = _output_shape(layer, call)
+    if isinstance(layer, keras.layers.EinsumDense):
+        return call.repeat * _einsum_positions(layer, call.input_shape, output), output
+    return call.repeat * _spatial_positions(layer, output), output
 
 
 def _total_params(model) -> int:
@@ -254,14 +516,14 @@ def _total_params(model) -> int:
 def _check_sparsities(sparsities: Mapping[str, float], names: Sequence[str]) -> None:
     if not isinstance(sparsities, Mapping):
         raise ValueError(
-            f"`sparsities` must be a mapping {{layer name: sparsity}}; got "
+            f"`sparsities` must be a mapping {{weight name: sparsity}}; got "
             f"{type(sparsities).__name__}."
         )
     unknown = sorted(set(sparsities) - set(names))
     if unknown:
         raise ValueError(
-            f"`sparsities` names layers that are not maskable layers of the "
-            f"model: {unknown}. Maskable layers: {list(names)}."
+            f"`sparsities` names weights that are not maskable weights of the "
+            f"model: {unknown}. Maskable weights: {list(names)}."
         )
     for name, value in sparsities.items():
         if (
@@ -275,27 +537,30 @@ def _check_sparsities(sparsities: Mapping[str, float], names: Sequence[str]) -> 
 
 
 def inference_flops(model, sparsities: Mapping[str, float] | None = None) -> FlopsReport:
-    """Inference FLOPs per sample of a built Keras model, per layer and in total.
+    """Inference FLOPs per sample of a built Keras model, per weight and in total.
 
-    Counts the kernels of Dense, Conv2D and DepthwiseConv2D layers (plain or
-    masked; nested models are searched) as 2 FLOPs (a multiply and an add)
-    per active kernel weight per output position, using the layers' real
-    output shapes.
+    Every maskable weight (see `rigl_keras.layers.maskable_weights`; plain or
+    masked, nested models and wrappers searched) costs 2 FLOPs (a multiply
+    and an add) per active entry per use; the uses per sample P follow the
+    layer kind (module docstring and docs/flops.md): output positions for
+    Dense, convolutions, depthwise and separable kernels; input positions for
+    transposed convolutions; the non-kernel dims of an EinsumDense equation;
+    one per time step for recurrent cells; none for Embedding (a lookup).
 
     Args:
       model: a built Keras model with fixed input dimensions (batch aside).
-      sparsities: {layer name: sparsity in [0, 1]} for maskable layers, e.g.
-        the result of `distributions.sparsity_distribution`; layers not named
-        count as dense. If None, each masked layer's density is read from its
-        mask and plain layers count as dense.
+      sparsities: {weight name: sparsity in [0, 1]} for maskable weights, e.g.
+        the result of `distributions.sparsity_distribution`; weights not
+        named count as dense. If None, each masked weight's density is read
+        from its mask and plain weights count as dense.
 
     Returns:
       A `FlopsReport`: `dense_flops` is f_D, `flops` is f_S.
 
     Raises:
-      ValueError: if the model has no built maskable layer, a layer's output
-        shape has an unknown dimension, or `sparsities` names an unknown layer
-        or holds a value outside [0, 1].
+      ValueError: if the model has no built maskable weight, a needed shape
+        has an unknown dimension, or `sparsities` names an unknown weight or
+        holds a value outside [0, 1].
     """
     weights = masked_layers.maskable_weights(model)
     if not weights:
@@ -307,24 +572,25 @@ def inference_flops(model, sparsities: Mapping[str, float] | None = None) -> Flo
     entries = []
     for w in weights:
         layer = w.layer
-        kernel_shape = w.shape
-        size = w.size
+        stored = masked_layers._stored(layer, w.attribute)
+        kernel_shape = tuple(int(d) for d in stored.shape)
+        size = int(np.prod(kernel_shape))
         if sparsities is not None:
             active = distributions.active_count(size, float(sparsities.get(w.name, 0.0)))
-        elif "_rk_masks" in layer.__dict__:
+        elif "_rk_masks" in layer.__dict__ and w.attribute in layer._rk_masks:
             active = int(np.count_nonzero(keras.ops.convert_to_numpy(w.mask)))
         else:
             active = size
-        shapes = _output_shapes(layer)
+        uses = [_uses(w, call) for call in _calls(w, model)]
         entries.append(
             LayerFlops(
                 name=w.name,
                 layer_type=type(layer).__name__,
                 kernel_shape=kernel_shape,
-                output_shape=shapes[0],
+                output_shape=tuple(uses[0][1]),
                 kernel_size=size,
                 active=active,
-                positions=sum(_positions(layer, shape) for shape in shapes),
+                positions=sum(n for n, _ in uses),
             )
         )
     return FlopsReport(

@@ -41,6 +41,8 @@ from rigl_keras import backend
 
 __all__ = [
     "MASK_DTYPE",
+    "declare",
+    "is_embedding",
     "MaskedWeight",
     "MaskedWeightsMixin",
     "maskable",
@@ -75,6 +77,7 @@ _BUILTIN_LEAVES: dict[type, tuple[str, ...]] = {
     _LAYERS.SeparableConv1D: ("depthwise_kernel", "pointwise_kernel"),
     _LAYERS.SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
     _LAYERS.Embedding: ("embeddings",),
+    _LAYERS.ReversibleEmbedding: ("embeddings",),
     _LAYERS.SimpleRNNCell: ("kernel", "recurrent_kernel"),
     _LAYERS.LSTMCell: ("kernel", "recurrent_kernel"),
     _LAYERS.GRUCell: ("kernel", "recurrent_kernel"),
@@ -90,6 +93,53 @@ _BUILTIN_CONTAINERS: tuple[type, ...] = (
 )
 
 
+#: Declarations of classes rigl_keras cannot decorate (`declare`), keyed by
+#: class or by "module.QualName" (so that their package need not be imported).
+_DECLARED: dict = {
+    "keras_hub.src.layers.modeling.position_embedding.PositionEmbedding": ("position_embeddings",),
+}
+#: Kinds left dense by default (lookups): see `sparsity_distribution`.
+_EMBEDDINGS: set = {
+    _LAYERS.Embedding,
+    "keras_hub.src.layers.modeling.position_embedding.PositionEmbedding",
+}
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def declare(layer_class, *attributes: str, embedding: bool = False) -> None:
+    """Declares the maskable weights of a layer class you cannot decorate.
+
+    The role of tfmot's `PrunableLayer` for third-party classes; for your own
+    classes prefer the `maskable` decorator. The class must read each weight
+    as ``self.<attribute>`` in ``call``.
+
+    Args:
+      layer_class: the class, or its "module.QualName" string.
+      *attributes: attribute names of its maskable weights.
+      embedding: True for lookup tables, which stay dense unless asked for.
+
+    Raises:
+      ValueError: if no attribute is named.
+    """
+    if not attributes:
+        raise ValueError("`declare` needs at least one attribute name.")
+    _DECLARED[layer_class] = tuple(attributes)
+    if embedding:
+        _EMBEDDINGS.add(layer_class)
+
+
+def is_embedding(layer) -> bool:
+    """True for lookup-table layers or classes (dense unless asked for)."""
+    cls = _base_class(layer if isinstance(layer, type) else type(layer))
+    return any(
+        (isinstance(kind, type) and issubclass(cls, kind)) or kind == _qualname(cls)
+        for kind in _EMBEDDINGS
+    )
+
+
 def declared_weights(layer_or_class) -> tuple[str, ...]:
     """The maskable attribute names a layer (class) declares; () if none.
 
@@ -102,7 +152,7 @@ def declared_weights(layer_or_class) -> tuple[str, ...]:
         return tuple(own)
     if issubclass(cls, MaskedWeightsMixin):
         return tuple(getattr(cls, "rigl_maskable_weights", ()))
-    return _BUILTIN_LEAVES.get(cls, ())
+    return _BUILTIN_LEAVES.get(cls) or _DECLARED.get(cls) or _DECLARED.get(_qualname(cls), ())
 
 
 def _is_container_class(cls) -> bool:
@@ -136,7 +186,7 @@ class MaskedWeight:
     @property
     def variable(self) -> keras.Variable:
         """The stored (trainable) variable, without the mask applied."""
-        return getattr(self.layer, "_" + self.attribute)
+        return _stored(self.layer, self.attribute)
 
     @property
     def mask(self) -> keras.Variable:
@@ -492,7 +542,8 @@ def iter_layers(model) -> Iterator[tuple[keras.layers.Layer, tuple]]:
 
 
 def _weight_name(chain, attribute, n_declared) -> str:
-    name = "/".join(layer.name for layer in chain)
+    # A wrapper such as `SparseModel` adds nothing to names.
+    name = "/".join(layer.name for layer in chain if not getattr(layer, "rigl_transparent", False))
     return f"{name}/{attribute}" if n_declared > 1 else name
 
 
@@ -527,30 +578,30 @@ def masked_weights(model) -> list[MaskedWeight]:
 
 
 def _stored(layer, attribute):
+    # A plain attribute (Conv1DTranspose.kernel) before masking; the storage
+    # behind the property (Dense._kernel, or ours after masking) otherwise.
     value = layer.__dict__.get(attribute)
-    if value is None:
+    if not isinstance(value, keras.Variable):
         value = getattr(layer, "_" + attribute, None)
     return value
 
 
 def unmaskable_weights(model) -> list[tuple[keras.layers.Layer, keras.Variable, tuple]]:
-    """Weight matrices (trainable, ≥ 2 dimensions) that no declaration covers.
+    """Weight matrices (trainable, ≥ 2 dimensions) of layers that declare nothing.
+
+    A layer that declares maskable weights keeps its other variables (biases,
+    including an EinsumDense's 2-D bias) dense by design; they are not listed.
 
     Returns:
       (layer, variable, chain) for each, in model order: weights of layer
       classes rigl_keras does not know; they stay dense.
     """
-    covered = set()
-    for w in maskable_weights(model):
-        stored = _stored(w.layer, w.attribute)
-        if stored is not None:
-            covered.add(id(stored))
     found = []
     for layer, chain in iter_layers(model):
+        if declared_weights(layer):
+            continue
         for variable in layer._trainable_variables:
-            if len(variable.shape) >= 2 and id(variable) not in covered and not getattr(
-                variable, "overwrite_with_gradient", False
-            ):
+            if len(variable.shape) >= 2 and not getattr(variable, "overwrite_with_gradient", False):
                 found.append((layer, variable, chain))
     return found
 

@@ -14,6 +14,7 @@ from rigl_keras import distributions
 from rigl_keras import layers as masked_layers
 
 __all__ = [
+    "SparseModel",
     "sparsify",
     "set_random_masks",
     "strip_masks",
@@ -84,13 +85,72 @@ def _rewrite(config, convert):
     return config
 
 
+def _is_graph_model(model) -> bool:
+    """True for plain Sequential/functional models, whose configs list their layers."""
+    return type(model) is keras.Sequential or type(model).__name__ == "Functional"
+
+
+def _copy_model(model):
+    try:
+        return keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    except Exception as error:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"Cannot copy model {model.name!r} ({type(model).__name__}) from its "
+            f"configuration ({error}). For a subclassed model without get_config, build "
+            "it from masked layers (rigl_keras.MaskedDense, ..., or rigl_keras.masked_class) "
+            "and draw its masks with rigl_keras.set_random_masks."
+        ) from error
+
+
+@keras.saving.register_keras_serializable(package="rigl_keras")
+class SparseModel(keras.Model):
+    """A masked model whose configuration does not list its layers.
+
+    `sparsify` returns one for models that are neither Sequential nor plain
+    functional (keras-hub backbones, subclassed models with a `get_config`):
+    their layers are masked in place inside a copy, and this wrapper records
+    which ones so that `.keras` files rebuild the masks. It calls the wrapped
+    model unchanged.
+
+    Args:
+      model: the wrapped model, or its serialized config.
+      masked: positions (in `rigl_keras.layers.iter_layers` order) of the
+        wrapped model's layers to mask.
+      capture_gradients: as in `sparsify`.
+    """
+
+    rigl_transparent = True  # weight names start at the wrapped model
+
+    def __init__(self, model, masked=(), capture_gradients: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(model, dict):
+            model = keras.saving.deserialize_keras_object(model)
+        self.model = model
+        self.masked = [int(i) for i in masked]
+        self.capture_gradients = bool(capture_gradients)
+        layers = [layer for layer, _ in masked_layers.iter_layers(model)]
+        for index in self.masked:
+            masked_layers.mask_in_place(layers[index], self.capture_gradients)
+        self.built = True
+
+    def call(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "model": keras.saving.serialize_keras_object(self.model),
+            "masked": self.masked,
+            "capture_gradients": self.capture_gradients,
+        }
+
+
 def _rebuild(model, convert):
-    if type(model) not in (keras.Sequential, keras.Model) and type(model).__name__ != "Functional":
+    if not _is_graph_model(model):
         raise ValueError(
             f"Cannot rebuild model {model.name!r} ({type(model).__name__}): only Sequential "
-            "and functional models can be transformed. For a subclassed model, build it "
-            "from masked layers (rigl_keras.MaskedDense, ..., or rigl_keras.masked_class) "
-            "and draw its masks with rigl_keras.set_random_masks."
+            "and functional models can be transformed."
         )
     config = _rewrite(keras.saving.serialize_keras_object(model), convert)
     try:
@@ -120,7 +180,7 @@ def _copy_variables(source, target, value=lambda v: v) -> None:
     if len(old) != len(new) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(old, new)):
         raise RuntimeError("Internal error: the rebuilt model's variables do not line up.")
     for a, b in zip(old, new):
-        b.assign(value(a))
+        b.assign(keras.ops.convert_to_numpy(value(a)))
 
 
 # ---------------------------------------------------------------------------
@@ -227,12 +287,15 @@ def sparsify(
         Static sparse training and SET can pass False to save its small cost.
 
     Returns:
-      A new model with the same architecture, names and weights.
+      A new model with the same architecture, names and weights. Models
+      whose configuration does not list their layers (keras-hub backbones,
+      subclassed models with `get_config`) come back as a `SparseModel`
+      wrapping a masked copy; weight names then start with the model's name.
 
     Raises:
       ValueError: for bad arguments (see `sparsity_distribution`), a model
-        that is not Sequential/functional, a model that is already masked,
-        or a non-integer seed.
+        that cannot be copied from its configuration, a model that is already
+        masked, or a non-integer seed.
     """
     seed = _check_seed(seed)
     if not isinstance(model, keras.Model):
@@ -251,12 +314,12 @@ def sparsify(
     )
     embeddings = {
         w.layer.name for w in masked_layers.maskable_weights(model)
-        if w.name in sparsities and isinstance(w.layer, keras.layers.Embedding)
+        if w.name in sparsities and masked_layers.is_embedding(w.layer)
     }
 
     def to_masked(entry, cls):
         if masked_layers.declared_weights(cls):
-            if issubclass(cls, keras.layers.Embedding) and entry["config"].get("name") not in embeddings:
+            if masked_layers.is_embedding(cls) and entry["config"].get("name") not in embeddings:
                 return None
             return masked_layers.masked_class(cls)
         if masked_layers._is_container_class(cls):
@@ -264,8 +327,24 @@ def sparsify(
         return None
 
     to_masked.capture = bool(capture_gradients)
-    new_model = _rebuild(model, to_masked)
-    _copy_variables(model, new_model)
+    if _is_graph_model(model):
+        new_model = _rebuild(model, to_masked)
+        _copy_variables(model, new_model)
+    else:
+        # Layers that the configuration does not list: mask a copy in place.
+        copy = _copy_model(model)
+        _copy_variables(model, copy)
+        chosen = {id(w.layer) for w in distributions.plan(
+            copy, custom_sparsity=custom_sparsity, dense_layers=dense_layers,
+            sparse_embeddings=sparse_embeddings)[0]}
+        leaves = [i for i, (layer, _) in enumerate(masked_layers.iter_layers(copy)) if id(layer) in chosen]
+        new_model = SparseModel(copy, leaves, capture_gradients, name=model.name)
+        # Weight names now start with the wrapped model's name.
+        sparsities = distributions.sparsity_distribution(
+            new_model, sparsity, distribution, custom_sparsity=custom_sparsity,
+            dense_layers=dense_layers, erk_power_scale=erk_power_scale,
+            sparse_embeddings=sparse_embeddings,
+        )
     set_random_masks(new_model, sparsities, seed=seed)
     left = masked_layers.unmaskable_weights(new_model)
     if left:
@@ -306,8 +385,13 @@ def strip_masks(model: keras.Model) -> keras.Model:
         w = effective.get(id(variable))
         return variable if w is None else keras.ops.convert_to_numpy(w.effective())
 
-    new_model = _rebuild(model, to_plain)
-    _copy_variables(model, new_model, value)
+    if isinstance(model, SparseModel):
+        new_model = _copy_model(model.model)
+        source = model.model
+    else:
+        new_model = _rebuild(model, to_plain)
+        source = model
+    _copy_variables(source, new_model, value)
     return new_model
 
 
@@ -413,7 +497,7 @@ def sparsity_report(model: keras.Model) -> SparsityReport:
             continue
         value = keras.ops.convert_to_numpy(masked_layers._stored(w.layer, w.attribute))
         note = ("embedding: dense by default"
-                if isinstance(w.layer, keras.layers.Embedding) else "not masked")
+                if masked_layers.is_embedding(w.layer) else "not masked")
         rows.append(WeightSparsity(w.name, kind, int(value.size), int(np.count_nonzero(value)), note))
     for layer, variable, chain in masked_layers.unmaskable_weights(model):
         size = int(np.prod(variable.shape))
