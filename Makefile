@@ -29,7 +29,7 @@ data:
 demo: install data
 	$(PYTHON) examples/reproduce.py --quick --output_dir $(DEMO_DIR)
 
-test: install-test data
+test: install-test data text-data
 	@set -e; for backend in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$backend"; \
 	  KERAS_BACKEND=$$backend $(PYTHON) -m pytest -q; \
@@ -38,3 +38,10 @@ test: install-test data
 bench: install
 	$(PIP) install -q -e ".[jax]" "torch==2.13.0"
 	@for backend in $(BACKENDS); do $(PYTHON) benchmarks/step_time.py --backend $$backend; done
+
+# Offline English prose for examples/char_lm.py: the King James Bible
+# (Debian's bible-kjv: the `bible` decoder, pulling in bible-kjv-text's
+# /usr/lib/bible.data); see examples/text_data.py.
+.PHONY: text-data
+text-data:
+	@{ command -v bible >/dev/null && [ -f /usr/lib/bible.data ]; } || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bible-kjv; }
