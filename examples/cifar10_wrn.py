@@ -185,6 +185,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     flags.DEFINE_integer("test_limit", d.test_limit, "First N test images (0: all).",
                          flag_values=fv)
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity.", flag_values=fv)
+    common.declare_main_key_flags(flag_values)
 
 
 def schedule_steps(config: Config) -> dict:
@@ -241,7 +242,7 @@ def run(config: Config | None = None, **overrides) -> dict:
 
     with strategy.scope():
         model, callbacks, method = common.build_method(
-            config, build_fn, grow_data=train_ds, end_step=end_step,
+            config, build_fn, end_step=end_step,
             prune_begin_step=prune_begin, prune_end_step=prune_end,
             prune_frequency=config.prune_frequency,
         )

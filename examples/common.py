@@ -31,6 +31,7 @@ __all__ = [
     "measured_sparsity",
     "flops_ratios",
     "first_layer_connectivity",
+    "declare_main_key_flags",
     "write_results",
     "read_results",
     "format_results",
@@ -103,15 +104,17 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(int(seed))
 
 
-def build_method(config, build_fn, *, grow_data, end_step, prune_begin_step,
-                 prune_end_step, prune_frequency):
+def build_method(config, build_fn, *, end_step, prune_begin_step,
+                 prune_end_step, prune_frequency, grow_data=None):
     """The uncompiled model and callbacks of `config.method` (see `rigl_keras.baselines`).
 
     Args:
       config: an example config with method, sparsity, distribution, seed,
         delta_t, alpha and decay.
       build_fn: width multiplier -> built dense model.
-      grow_data: training batches for gradient-based methods.
+      grow_data: None (the default): RigL, SNFS and SNIP use the dense
+        gradient of the training batch itself, captured in the train step.
+        Otherwise separate batches for their scores (see `RigLCallback`).
       end_step: T_end (int step or fraction of the fit).
       prune_begin_step, prune_end_step, prune_frequency: the pruning schedule.
 
@@ -130,7 +133,7 @@ def build_method(config, build_fn, *, grow_data, end_step, prune_begin_step,
         alpha=config.alpha,
         end_step=end_step,
         decay=config.decay,
-        grow_data=grow_data if method.needs_grow_data else None,
+        grow_data=grow_data if method.uses_gradients else None,
         prune_begin_step=prune_begin_step,
         prune_end_step=prune_end_step,
         prune_frequency=prune_frequency,
@@ -243,25 +246,40 @@ def pruning_schedule_for(method, begin, end, frequency):
 
 
 def first_layer_connectivity(model) -> np.ndarray | None:
-    """Active connections per input feature of the first masked Dense layer.
+    """Active connections per input feature of the first masked Dense kernel.
 
     For an MLP on flattened images this is the number of first-layer weights
     that read each pixel (reshape to the image to get a heatmap). None if the
-    first layer with a kernel is not a Dense layer.
+    first maskable weight is not a Dense kernel.
     """
     from rigl_keras import layers as masked_layers
 
-    for layer in masked_layers.iter_layers(model):
-        if not (masked_layers.is_maskable(layer) and layer.built):
-            continue
-        if not isinstance(layer, keras.layers.Dense):
-            return None
-        if masked_layers.is_masked(layer):
-            mask = keras.ops.convert_to_numpy(layer.mask) != 0
-        else:
-            mask = np.ones(tuple(layer.kernel.shape), dtype=bool)
-        return mask.sum(axis=1).astype("int32")
-    return None
+    weights = masked_layers.maskable_weights(model)
+    if not weights or not isinstance(weights[0].layer, keras.layers.Dense):
+        return None
+    weight = weights[0]
+    masked = {id(w.layer) for w in masked_layers.masked_weights(model)}
+    if id(weight.layer) in masked:
+        mask = keras.ops.convert_to_numpy(weight.mask) != 0
+    else:
+        mask = np.ones(tuple(weight.layer.kernel.shape), dtype=bool)
+    return mask.sum(axis=1).astype("int32")
+
+
+def declare_main_key_flags(flag_values) -> None:
+    """Makes the flags the example modules defined show in the program's --help.
+
+    absl's --help lists only the key flags of the main module; flags defined
+    by `define_method_flags` or `fashion_mnist.define_flags` belong to those
+    modules, so a script that only calls them printed no flags at all.
+    """
+    import sys
+
+    main = sys.argv[0]
+    for module, module_flags in flag_values.flags_by_module_dict().items():
+        if module == main or module.startswith("examples"):
+            for flag in module_flags:
+                flag_values.register_key_flag_for_module(main, flag)
 
 
 def _json_default(value):

@@ -255,10 +255,10 @@ def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -
     def build_fn(width: float) -> keras.Model:
         return build_dense(width, weight_decay=config.weight_decay)
 
-    # Growth gradients (RigL, SNFS, SNIP) use random training batches drawn
-    # from the arrays, keyed to the seed and step: reproducible and resume-safe.
+    # RigL, SNFS and SNIP grow from the dense gradient of the training batch
+    # itself, captured inside the train step (no extra pass, any backend).
     model, callbacks, method = common.build_method(
-        config, build_fn, grow_data=(data.x_train, data.y_train), end_step=end_step,
+        config, build_fn, end_step=end_step,
         prune_begin_step=prune_begin, prune_end_step=prune_end,
         prune_frequency=config.prune_frequency,
     )

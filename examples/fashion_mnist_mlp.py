@@ -33,6 +33,7 @@ lenet_300_100 = fashion_mnist.lenet_300_100
 def define_flags(flag_values=flags.FLAGS) -> None:
     """Defines this script's flags (only when it runs as a program)."""
     fashion_mnist.define_flags(flag_values, model="mlp")
+    common.declare_main_key_flags(flag_values)
 
 
 def run(config: Config | None = None, data=None, **overrides) -> dict:

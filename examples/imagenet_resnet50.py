@@ -224,6 +224,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     flags.DEFINE_integer("test_limit", d.test_limit, "First N validation images (0: all).",
                          flag_values=fv)
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity.", flag_values=fv)
+    common.declare_main_key_flags(flag_values)
 
 
 def schedule_steps(config: Config) -> dict:
@@ -289,7 +290,7 @@ def run(config: Config | None = None, **overrides) -> dict:
         peak *= config.batch_size / REFERENCE_BATCH
     with strategy.scope():
         model, callbacks, method = common.build_method(
-            config, build_fn, grow_data=train_ds, end_step=steps["end"],
+            config, build_fn, end_step=steps["end"],
             prune_begin_step=steps["prune_begin"], prune_end_step=steps["prune_end"],
             prune_frequency=steps["prune_frequency"],
         )

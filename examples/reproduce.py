@@ -138,6 +138,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                           f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                           for k, v in QUICK.items()) + " (flags given explicitly win).",
                       flag_values=fv)
+    common.declare_main_key_flags(flag_values)
 
 
 def config_from_flags(flag_values) -> SweepConfig:

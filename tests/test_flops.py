@@ -1,4 +1,5 @@
-"""Tests for rigl_keras.flops: counting rules, Appendix A formulas, the paper's ResNet-50 table, CLI."""
+"""Tests for rigl_keras.flops: counting rules per weight kind, Appendix A formulas,
+the paper's ResNet-50 table, CLI. Backend-independent (TensorFlow, JAX, torch)."""
 
 from __future__ import annotations
 
@@ -78,18 +79,19 @@ def test_sparse_flops_from_given_sparsities_by_hand():
     assert report.densities()["dense"] == pytest.approx(0.1)
 
 
-def _set_mask(layer, n_active: int, seed: int = 0) -> None:
-    shape = tuple(layer.mask.shape)
-    flat = np.zeros(int(np.prod(shape)), dtype="float32")
-    flat[np.random.default_rng(seed).permutation(flat.size)[:n_active]] = 1.0
-    layer.mask.assign(flat.reshape(shape))
+def _set_mask(model, name: str, n_active: int, seed: int = 0) -> None:
+    """Sets the mask of the masked weight `name` to `n_active` random ones."""
+    (weight,) = [w for w in masked_layers.masked_weights(model) if w.name == name]
+    flat = np.zeros(weight.size, dtype="uint8")
+    flat[np.random.default_rng(seed).permutation(flat.size)[:n_active]] = 1
+    weight.mask.assign(flat.reshape(weight.shape))
 
 
 def test_densities_from_masks_of_masked_layers():
     model = _small_model(masked=True)
-    _set_mask(model.get_layer("conv"), 27)  # density 1/4
-    _set_mask(model.get_layer("depthwise"), 36)  # 1/2
-    _set_mask(model.get_layer("dense"), 90)  # 1/5; pointwise keeps its all-ones mask
+    _set_mask(model, "conv", 27)  # density 1/4
+    _set_mask(model, "depthwise", 36)  # 1/2
+    _set_mask(model, "dense", 90)  # 1/5; pointwise keeps its all-ones mask
     report = flops.inference_flops(model)
     assert report.densities() == pytest.approx(
         {"conv": 0.25, "depthwise": 0.5, "pointwise": 1.0, "dense": 0.2}
@@ -133,6 +135,201 @@ def test_unknown_spatial_size_raises():
     model = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
     with pytest.raises(ValueError, match="fixed input shape"):
         flops.inference_flops(model)
+
+
+# --------------------------------------------------------------------------
+# Every maskable kind, by hand (tiny shapes)
+# --------------------------------------------------------------------------
+
+L = keras.layers
+
+
+def _by_name(model) -> dict[str, tuple[int, int]]:
+    """{weight name: (positions, dense FLOPs)}."""
+    return {w.name: (w.positions, w.dense_flops) for w in flops.inference_flops(model).layers}
+
+
+def _seq(input_shape, *layers) -> keras.Model:
+    return keras.Sequential([keras.Input(input_shape), *layers])
+
+
+@pytest.mark.parametrize(
+    "input_shape, layer, expected",
+    [
+        # Dense on (5, 4): kernel 4x3 = 12, used at 5 positions.
+        ((5, 4), L.Dense(3, name="d"), {"d": (5, 2 * 12 * 5)}),
+        # Conv1D: kernel 3*2*3 = 18, length 6 -> 4 valid outputs.
+        ((6, 2), L.Conv1D(3, 3, name="c"), {"c": (4, 2 * 18 * 4)}),
+        # Conv3D: kernel 3*3*3*2*3 = 162, 4^3 -> 2^3 = 8 outputs.
+        ((4, 4, 4, 2), L.Conv3D(3, 3, name="c"), {"c": (8, 2 * 162 * 8)}),
+        # Conv1DTranspose, stride 2: 6 inputs -> 13 outputs; every kernel weight
+        # (3*3*2 = 18) is used once per *input* position: 2*18*6.
+        ((6, 2), L.Conv1DTranspose(3, 3, strides=2, name="t"), {"t": (6, 2 * 18 * 6)}),
+        # Conv2DTranspose: kernel 3*3*3*2 = 54, 6x6 = 36 input positions.
+        ((6, 6, 2), L.Conv2DTranspose(3, 3, name="t"), {"t": (36, 2 * 54 * 36)}),
+        # Conv3DTranspose: kernel 2*2*2*1*2 = 16, 3^3 = 27 input positions.
+        ((3, 3, 3, 2), L.Conv3DTranspose(1, 2, strides=2, name="t"), {"t": (27, 2 * 16 * 27)}),
+        # DepthwiseConv1D, multiplier 2: kernel 3*2*2 = 12, 4 outputs.
+        ((6, 2), L.DepthwiseConv1D(3, depth_multiplier=2, name="dw"), {"dw": (4, 2 * 12 * 4)}),
+        # SeparableConv2D, stride 2, same: 6x6 -> 3x3 = 9 positions for both kernels;
+        # depthwise 3*3*2*2 = 36, pointwise 1*1*4*3 = 12.
+        (
+            (6, 6, 2),
+            L.SeparableConv2D(3, 3, strides=2, padding="same", depth_multiplier=2, name="sep"),
+            {"sep/depthwise_kernel": (9, 2 * 36 * 9), "sep/pointwise_kernel": (9, 2 * 12 * 9)},
+        ),
+        # SeparableConv1D: depthwise 3*2*1 = 6, pointwise 1*2*4 = 8, 4 outputs.
+        (
+            (6, 2),
+            L.SeparableConv1D(4, 3, name="sep"),
+            {"sep/depthwise_kernel": (4, 2 * 6 * 4), "sep/pointwise_kernel": (4, 2 * 8 * 4)},
+        ),
+        # Embedding: a lookup, no multiply-adds.
+        ((5,), L.Embedding(10, 3, name="emb"), {"emb": (0, 0)}),
+        # LSTM(4) on T=5, F=3: kernel 3x16, recurrent 4x16, each once per step,
+        # although the output is the last step only: 2*(48 + 64)*5.
+        (
+            (5, 3),
+            L.LSTM(4, name="lstm"),
+            {"lstm/lstm_cell/kernel": (5, 2 * 48 * 5), "lstm/lstm_cell/recurrent_kernel": (5, 2 * 64 * 5)},
+        ),
+        # GRU(4): kernel 3x12, recurrent 4x12.
+        (
+            (5, 3),
+            L.GRU(4, name="gru"),
+            {"gru/gru_cell/kernel": (5, 2 * 36 * 5), "gru/gru_cell/recurrent_kernel": (5, 2 * 48 * 5)},
+        ),
+        # SimpleRNN(2) returning sequences: kernel 3x2, recurrent 2x2, 5 steps.
+        (
+            (5, 3),
+            L.SimpleRNN(2, return_sequences=True, name="rnn"),
+            {"rnn/simple_rnn_cell/kernel": (5, 2 * 6 * 5), "rnn/simple_rnn_cell/recurrent_kernel": (5, 2 * 4 * 5)},
+        ),
+        # EinsumDense over a sequence: kernel c x d = 4x3, b = 5 not in the kernel.
+        ((5, 4), L.EinsumDense("abc,cd->abd", output_shape=(5, 3), name="e"), {"e": (5, 2 * 12 * 5)}),
+        # With an ellipsis: the (2, 5) leading dims are not in the kernel.
+        ((2, 5, 4), L.EinsumDense("...b,bc->...c", output_shape=3, name="e"), {"e": (10, 2 * 12 * 10)}),
+        # TimeDistributed(Dense(2)) on (5, 3): kernel 3x2, 5 steps.
+        ((5, 3), L.TimeDistributed(L.Dense(2, name="d"), name="td"), {"td/d": (5, 2 * 6 * 5)}),
+        # TimeDistributed(Conv2D) on 2 frames of 4x4x1: kernel 3*3*1*2 = 18, 2x2 outputs x 2 frames.
+        ((2, 4, 4, 1), L.TimeDistributed(L.Conv2D(2, 3, name="c"), name="td"), {"td/c": (8, 2 * 18 * 8)}),
+    ],
+    ids=lambda v: v.__class__.__name__ if isinstance(v, L.Layer) else None,
+)
+def test_each_kind_by_hand(input_shape, layer, expected):
+    assert _by_name(_seq(input_shape, layer)) == expected
+
+
+def test_bidirectional_counts_both_directions():
+    # GRU(2) on T=4, F=3, per direction: kernel 3x6 = 18, recurrent 2x6 = 12, 4 steps.
+    model = _seq((4, 3), L.Bidirectional(L.GRU(2, name="gru"), name="bi"))
+    counts = _by_name(model)
+    assert len(counts) == 4
+    assert sorted(counts.values()) == sorted([(4, 2 * 18 * 4), (4, 2 * 12 * 4)] * 2)
+    assert flops.inference_flops(model).dense_flops == 2 * 2 * (18 + 12) * 4
+    assert {name.split("/")[1].split("_")[0] for name in counts} == {"forward", "backward"}
+
+
+def test_multi_head_attention_projections():
+    # Query (5, 8) attends to key/value (7, 6); 2 heads, key_dim 4, value_dim 3.
+    query, memory = keras.Input((5, 8)), keras.Input((7, 6))
+    attention = L.MultiHeadAttention(2, 4, value_dim=3, name="mha")
+    model = keras.Model([query, memory], attention(query, memory))
+    assert _by_name(model) == {
+        "mha/query": (5, 2 * (8 * 2 * 4) * 5),  # once per query position
+        "mha/key": (7, 2 * (6 * 2 * 4) * 7),  # once per key position
+        "mha/value": (7, 2 * (6 * 2 * 3) * 7),
+        "mha/attention_output": (5, 2 * (2 * 3 * 8) * 5),  # back to query positions
+    }
+    # Self-attention called twice (shared) counts twice.
+    inputs = keras.Input((5, 8))
+    shared = L.MultiHeadAttention(2, 4, name="mha")
+    model = keras.Model(inputs, L.Add()([shared(inputs, inputs), shared(inputs, inputs)]))
+    assert flops.inference_flops(model).dense_flops == 2 * 4 * (2 * 64 * 5)
+
+
+def test_nested_model_called_twice_counts_twice():
+    inner = _seq((4,), L.Dense(3, name="d"))
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, L.Add()([inner(inputs), inner(inputs)]))
+    assert flops.inference_flops(model).dense_flops == 2 * (2 * 12)
+
+
+def test_sparsified_model_ratio_is_density_weighted_sum():
+    import rigl_keras as rk
+
+    inputs = keras.Input((6, 3))
+    x = L.Conv1D(8, 3, padding="same", name="conv")(inputs)
+    x = L.LSTM(6, return_sequences=True, name="lstm")(x)
+    x = L.TimeDistributed(L.Dense(5, name="proj"), name="td")(x)
+    x = L.Flatten()(x)
+    dense = keras.Model(inputs, L.Dense(4, name="head")(x))
+    sparse = rk.sparsify(dense, 0.8, "erk")
+    report = flops.inference_flops(sparse)
+    dense_report = flops.inference_flops(dense)
+    assert [w.name for w in report.layers] == [w.name for w in dense_report.layers] == [
+        "conv", "lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel", "td/proj", "head",
+    ]
+    assert report.dense_flops == dense_report.dense_flops
+    # The masks hold active_count(N, s) ones for the distribution's s.
+    plan = rk.sparsity_distribution(sparse, 0.8, "erk")
+    for entry in report.layers:
+        assert entry.active == rk.active_count(entry.kernel_size, plan[entry.name])
+    weighted = sum(e.dense_flops * e.density for e in report.layers) / report.dense_flops
+    assert report.flops_ratio == pytest.approx(weighted)
+    assert report.flops_ratio < 0.5
+    # Reading the masks equals giving the distribution for the dense model.
+    assert flops.inference_flops(dense, plan).flops == report.flops
+    assert report.parameter_ratio == pytest.approx(0.2, abs=0.01)
+
+
+@pytest.mark.skipif(not hasattr(L, "ReversibleEmbedding"), reason="needs keras.layers.ReversibleEmbedding")
+def test_reversible_embedding_counts_only_its_reverse_call():
+    tokens = keras.Input((5,), dtype="int32")
+    embedding = L.ReversibleEmbedding(10, 3, name="emb")
+    model = keras.Model(tokens, embedding(embedding(tokens), reverse=True))
+    # The lookup is free; the tied output projection is a 3 -> 10 matmul per position.
+    assert _by_name(model) == {"emb": (5, 2 * 30 * 5)}
+
+
+def test_embedding_only_model_has_no_flops():
+    report = flops.inference_flops(_seq((5,), L.Embedding(10, 3, name="emb")))
+    assert report.dense_flops == report.flops == 0
+    assert report.flops_ratio == 1.0
+    assert report.kernel_params == 30
+
+
+def test_loaded_sequential_counts_each_layer_once(tmp_path):
+    # Regression: a Sequential loaded from .keras carries extra inbound nodes
+    # on its first layer (one per build while loading); only the model's own
+    # graph nodes are calls. Counting every node gave ~3x on the first layer.
+    import rigl_keras as rk
+
+    model = _seq((8,), L.Dense(4, name="a"), L.Dense(2, name="b"))
+    for candidate in (model, rk.sparsify(model, 0.5, "uniform")):
+        path = tmp_path / "seq.keras"
+        candidate.save(path)
+        loaded = keras.models.load_model(path, compile=False)
+        expected = {"a": (1, 2 * 32), "b": (1, 2 * 8)}
+        assert _by_name(candidate) == expected
+        assert _by_name(loaded) == expected
+        assert flops.inference_flops(loaded).flops == flops.inference_flops(candidate).flops
+
+
+def test_summary_with_sparsity_of_plain_models_of_every_kind():
+    # ERK over plain (unmasked) depthwise, transposed, separable and recurrent
+    # weights, whose kernels Keras stores as plain attributes.
+    inputs = keras.Input((6, 3))
+    x = L.Conv1DTranspose(4, 3, name="up")(inputs)
+    x = L.SeparableConv1D(4, 3, name="sep")(x)
+    x = L.DepthwiseConv1D(3, name="dw")(x)
+    x = L.GRU(4, name="gru")(x)
+    model = keras.Model(inputs, L.Dense(2, name="head")(x))
+    summary = flops.flops_summary(model, 0.5, "erk", "rigl")
+    assert 0 < summary.inference_flops_ratio < 1
+    assert summary.parameter_ratio == pytest.approx(0.5, abs=0.02)
+    summary = flops.flops_summary(_small_model(), 0.5, "erk", "rigl")
+    assert 0 < summary.inference_flops_ratio < 1
 
 
 # --------------------------------------------------------------------------
@@ -411,8 +608,8 @@ def test_cli_resnet50_json_and_plot(tmp_path):
 
 def test_cli_keras_file_reads_masks(tmp_path):
     model = _small_model(masked=True)
-    _set_mask(model.get_layer("conv"), 27)
-    _set_mask(model.get_layer("dense"), 90)
+    _set_mask(model, "conv", 27)
+    _set_mask(model, "dense", 90)
     path = tmp_path / "small.keras"
     model.save(path)
     result = _run_cli("--model", str(path), "--method", "static", "--json")
