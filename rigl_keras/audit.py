@@ -35,7 +35,7 @@ def check_sparsity(model, expected_counts: Mapping[str, int] | None = None) -> N
       SparsityInvariantError: naming the weight and the broken invariant.
     """
     optimizer = getattr(model, "optimizer", None)
-    trainable = model.trainable_variables
+    slots = engine.optimizer_state_by_variable(optimizer, model.trainable_variables)
     for w in masked_layers.masked_weights(model):
         mask = keras.ops.convert_to_numpy(w.mask)
         if not np.all((mask == 0) | (mask == 1)):
@@ -47,7 +47,7 @@ def check_sparsity(model, expected_counts: Mapping[str, int] | None = None) -> N
                 f"{w.name!r}: {int(np.sum(values[outside] != 0))} weights outside the "
                 "mask are non-zero."
             )
-        for slot in engine.optimizer_state_for(optimizer, w.variable, trainable):
+        for slot in slots.get(id(w.variable), []):
             state = keras.ops.convert_to_numpy(slot)
             initial = engine.slot_initial_value(optimizer, slot)
             if np.any(state[outside] != initial):

@@ -42,14 +42,15 @@ def masked_value(weight, mask, grad=None):
     """The effective weight `apply_mask(weight, mask) + (G − stop_gradient(G))`.
 
     The second term is 0 in the forward pass and routes ∂L/∂W_eff into G,
-    which the optimizer then overwrites with it. A non-finite G (from a
-    skipped loss-scaled step) is read as 0 so it cannot poison the forward pass.
+    which the optimizer then overwrites with it. G never holds a non-finite
+    value for long enough to matter: a loss-scale optimizer skips (and does
+    not overwrite) non-finite steps, and without one a non-finite gradient
+    has already reached the weights.
     """
     effective = apply_mask(weight, mask)
     if grad is None:
         return effective
     g = ops.cast(_value(grad), effective.dtype)
-    g = ops.where(ops.isfinite(g), g, ops.zeros_like(g))
     return effective + (g - ops.stop_gradient(g))
 
 

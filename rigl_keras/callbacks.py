@@ -214,8 +214,14 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     def optimizer_slots(self, weight) -> list:
         """Optimizer state variables of a masked weight."""
-        model = self.model
-        return engine.optimizer_state_for(model.optimizer, weight.variable, model.trainable_variables)
+        optimizer = self.model.optimizer
+        key = (id(optimizer), len(optimizer.variables) if optimizer is not None else 0)
+        if getattr(self, "_slots_key", None) != key:
+            self._slots = engine.optimizer_state_by_variable(
+                optimizer, self.model.trainable_variables
+            )
+            self._slots_key = key
+        return self._slots.get(id(weight.variable), [])
 
     def layer_seed(self, step: int, index: int) -> int:
         """A 31-bit seed for weight `index` at `step`, derived from `seed`."""

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from rigl_keras.selection import top_k_mask
+from rigl_keras.selection import select_top_k
 
 __all__ = [
     "UpdateResult",
@@ -34,6 +34,7 @@ __all__ = [
     "active_connections",
     "scores_are_finite",
     "optimizer_state_for",
+    "optimizer_state_by_variable",
     "slot_initial_value",
 ]
 
@@ -94,9 +95,9 @@ def drop_grow_masks(mask, drop_score, grow_score, n_drop: int, n_grow: int | Non
         raise ValueError(f"n_grow must be in [0, {size - (n_active - n_drop)}]; got {n_grow}.")
     neg_inf = float("-inf")
     drop_score = ops.where(active, ops.cast(_flat(drop_score), "float32"), neg_inf)
-    keep = top_k_mask(drop_score, n_active - n_drop)
+    keep = select_top_k(drop_score, n_active - n_drop)
     grow_score = ops.where(keep, neg_inf, ops.cast(_flat(grow_score), "float32"))
-    grown = top_k_mask(grow_score, n_grow)
+    grown = select_top_k(grow_score, n_grow)
     new_mask = ops.logical_or(keep, grown)
     return ops.reshape(new_mask, shape), ops.reshape(keep, shape)
 
@@ -120,7 +121,7 @@ def prune_mask(mask, score, n_keep: int):
     if not 0 <= n_keep <= n_active:
         raise ValueError(f"n_keep must be in [0, {n_active}]; got {n_keep}.")
     score = ops.where(active, ops.cast(_flat(score), "float32"), float("-inf"))
-    return ops.reshape(top_k_mask(score, n_keep), tuple(mask.shape))
+    return ops.reshape(select_top_k(score, n_keep), tuple(mask.shape))
 
 
 # ---------------------------------------------------------------------------
@@ -143,12 +144,26 @@ def _slot_owner(optimizer_variable, prefixes: dict[str, object]):
     return None if best is None else best[1]
 
 
-def optimizer_state_for(optimizer, variable, model_variables=None) -> list:
-    """Every optimizer state tensor of `variable` (momentum, Adam m and v, EMA, …).
+def optimizer_state_by_variable(optimizer, model_variables) -> dict[int, list]:
+    """{id(model variable): its optimizer state variables} for all of `model_variables`.
 
     Works for any Keras 3 optimizer (and a LossScaleOptimizer around one):
     states are matched to their model variable by the name Keras gives them
-    and by shape.
+    and by shape. Empty lists before the optimizer is built.
+    """
+    result = {id(v): [] for v in model_variables}
+    if optimizer is None:
+        return result
+    prefixes = {v.path.replace("/", "_") + "_": v for v in model_variables}
+    for slot in optimizer.variables:
+        owner = _slot_owner(slot, prefixes)
+        if owner is not None and tuple(slot.shape) == tuple(owner.shape):
+            result[id(owner)].append(slot)
+    return result
+
+
+def optimizer_state_for(optimizer, variable, model_variables=None) -> list:
+    """Every optimizer state tensor of `variable` (momentum, Adam m and v, EMA, …).
 
     Args:
       optimizer: a Keras optimizer, or None.
@@ -159,18 +174,10 @@ def optimizer_state_for(optimizer, variable, model_variables=None) -> list:
     Returns:
       The matching optimizer variables (empty before the optimizer is built).
     """
-    if optimizer is None:
-        return []
     candidates = list(model_variables or [variable])
     if not any(v is variable for v in candidates):
         candidates.append(variable)
-    prefixes = {v.path.replace("/", "_") + "_": v for v in candidates}
-    shape = tuple(variable.shape)
-    return [
-        slot
-        for slot in optimizer.variables
-        if tuple(slot.shape) == shape and _slot_owner(slot, prefixes) is variable
-    ]
+    return optimizer_state_by_variable(optimizer, candidates)[id(variable)]
 
 
 _INITIAL_VALUES: dict = {}

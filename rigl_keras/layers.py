@@ -36,6 +36,7 @@ import functools
 from collections.abc import Iterable, Iterator
 
 import keras
+import numpy as np
 
 from rigl_keras import backend
 
@@ -323,11 +324,21 @@ class MaskedWeightsMixin:
         return [v for v in own if id(v) not in skip]
 
     def save_own_variables(self, store):
-        # Keras' Dense/Conv/Embedding save only their own kernel and bias.
+        # Compact on disk: a mask as packed bits, a masked weight as its
+        # active values only (it is exactly 0 elsewhere). Keras' Dense/Conv
+        # would save only their own kernel and bias.
         if not self.built:
             return
+        masks = {id(self._rk_masks[a]): a for a in self._rk_masks}
+        weights = {id(_stored(self, a)): a for a in self._rk_masks}
         for i, variable in enumerate(self._saved_variables()):
-            store[str(i)] = variable
+            value = keras.ops.convert_to_numpy(variable)
+            if id(variable) in masks:
+                value = np.packbits(value.reshape(-1) != 0)
+            elif id(variable) in weights:
+                mask = keras.ops.convert_to_numpy(self._rk_masks[weights[id(variable)]])
+                value = value.reshape(-1)[mask.reshape(-1) != 0]
+            store[str(i)] = value
 
     def load_own_variables(self, store):
         if not self.built:
@@ -346,8 +357,24 @@ class MaskedWeightsMixin:
                 f"saved file holds {len(store.keys())}. Was it saved from a plain "
                 "Keras layer? Load the dense model and pass it to rigl_keras.sparsify."
             )
-        for i, variable in enumerate(variables):
-            variable.assign(store[str(i)])
+        index = {id(v): str(i) for i, v in enumerate(variables)}
+        masks = {}
+        for attribute, mask in self._rk_masks.items():
+            size = int(np.prod(mask.shape))
+            bits = np.unpackbits(np.asarray(store[index[id(mask)]], dtype=np.uint8))[:size]
+            masks[attribute] = bits.reshape(tuple(mask.shape)).astype(MASK_DTYPE)
+            mask.assign(masks[attribute])
+        weights = {id(_stored(self, a)): a for a in self._rk_masks}
+        for variable in variables:
+            if id(variable) in {id(m) for m in self._rk_masks.values()}:
+                continue
+            value = np.asarray(store[index[id(variable)]])
+            if id(variable) in weights:
+                mask = masks[weights[id(variable)]].reshape(-1) != 0
+                full = np.zeros(mask.shape, dtype=value.dtype)
+                full[mask] = value
+                value = full.reshape(tuple(variable.shape))
+            variable.assign(value)
 
 
 def _attach(layer, capture: bool) -> None:

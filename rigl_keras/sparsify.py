@@ -119,13 +119,15 @@ class SparseModel(keras.Model):
       capture_gradients: as in `sparsify`.
     """
 
-    rigl_transparent = True  # weight names start at the wrapped model
+    rigl_transparent = True  # adds nothing to weight names
 
     def __init__(self, model, masked=(), capture_gradients: bool = True, **kwargs):
         super().__init__(**kwargs)
         if isinstance(model, dict):
             model = keras.saving.deserialize_keras_object(model)
         self.model = model
+        # Weight names are those of the wrapped model's own layers, as if unwrapped.
+        object.__setattr__(model, "rigl_transparent", True)
         self.masked = [int(i) for i in masked]
         self.capture_gradients = bool(capture_gradients)
         layers = [layer for layer, _ in masked_layers.iter_layers(model)]
@@ -290,7 +292,7 @@ def sparsify(
       A new model with the same architecture, names and weights. Models
       whose configuration does not list their layers (keras-hub backbones,
       subclassed models with `get_config`) come back as a `SparseModel`
-      wrapping a masked copy; weight names then start with the model's name.
+      wrapping a masked copy (weight names are unchanged).
 
     Raises:
       ValueError: for bad arguments (see `sparsity_distribution`), a model
@@ -339,12 +341,6 @@ def sparsify(
             sparse_embeddings=sparse_embeddings)[0]}
         leaves = [i for i, (layer, _) in enumerate(masked_layers.iter_layers(copy)) if id(layer) in chosen]
         new_model = SparseModel(copy, leaves, capture_gradients, name=model.name)
-        # Weight names now start with the wrapped model's name.
-        sparsities = distributions.sparsity_distribution(
-            new_model, sparsity, distribution, custom_sparsity=custom_sparsity,
-            dense_layers=dense_layers, erk_power_scale=erk_power_scale,
-            sparse_embeddings=sparse_embeddings,
-        )
     set_random_masks(new_model, sparsities, seed=seed)
     left = masked_layers.unmaskable_weights(new_model)
     if left:
