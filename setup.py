@@ -22,7 +22,7 @@ setup(
         # the build you want first (e.g. `pip install torch==2.13.0` for CPU).
         "torch": ["torch"],
         "examples": EXAMPLES + ["tensorflow>=2.16"],
-        "test": EXAMPLES + ["tensorflow>=2.16", "pytest", "hypothesis"],
+        "test": EXAMPLES + ["tensorflow>=2.16", "pytest", "hypothesis", "keras-hub"],
         # Importing tfmot switches tf.keras to Keras 2 for the whole process:
         # rigl_keras never imports it; tests use it in a subprocess only.
         "tfmot": ["tensorflow-model-optimization", "tf_keras"],

@@ -14,7 +14,14 @@ import contextlib
 import keras
 from keras import ops
 
-__all__ = ["apply_mask", "masked_value", "dense_gradients", "gradient_function", "creation_scope"]
+__all__ = [
+    "apply_mask",
+    "masked_value",
+    "captured_gradient",
+    "dense_gradients",
+    "gradient_function",
+    "creation_scope",
+]
 
 
 def _value(variable):
@@ -52,6 +59,25 @@ def masked_value(weight, mask, grad=None):
         return effective
     g = ops.cast(_value(grad), effective.dtype)
     return effective + (g - ops.stop_gradient(g))
+
+
+def captured_gradient(variable):
+    """The value of a capture variable, summed over replicas.
+
+    Under a `tf.distribute` strategy each replica overwrites its copy of G
+    with its own gradient of the (already replica-scaled) loss; their sum is
+    the global gradient the optimizer applies.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        inner = getattr(variable, "_value", None)
+        if isinstance(inner, tf.distribute.DistributedValues) or hasattr(inner, "_distribute_strategy"):
+            strategy = getattr(inner, "_distribute_strategy", None)
+            if strategy is not None and strategy.num_replicas_in_sync > 1:
+                parts = strategy.experimental_local_results(inner)
+                return tf.add_n([tf.convert_to_tensor(p) for p in parts])
+    return ops.stop_gradient(variable.value)
 
 
 def _substituted_values(model, weights, effective):

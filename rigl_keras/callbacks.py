@@ -495,7 +495,7 @@ class GradientSource:
         """One dense gradient per weight (as of the last step, or on a drawn batch)."""
         if self.captured:
             scale = _gradient_scale(model.optimizer)
-            return [ops.stop_gradient(w.gradient.value) / scale for w in weights]
+            return [gradients_backend.captured_gradient(w.gradient) / scale for w in weights]
         # Rebuilt when the model is recompiled: the loss is traced in.
         key = (id(model), tuple(id(w.variable) for w in weights), id(getattr(model, "_compile_loss", None)),
                id(model.optimizer))

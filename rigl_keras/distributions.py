@@ -104,11 +104,15 @@ def _resolve(selectors, weights, argument) -> dict:
     return resolved
 
 
-def _specificity(selector) -> int:
-    # Classes < patterns < layer names < exact weight names: later wins.
+def _specificity(selector, weight) -> int:
+    # Classes < patterns < layer names < exact weight names: the most specific wins.
     if isinstance(selector, type):
         return 0
-    return 1 if any(ch in selector for ch in "*?[") else 2
+    if selector == weight.name:
+        return 3
+    if any(layer.name == selector for layer in weight.chain):
+        return 2
+    return 1
 
 
 def plan(
@@ -141,11 +145,13 @@ def plan(
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value <= 1:
             raise ValueError(f"`custom_sparsity[{key!r}]` must be in [0, 1]; got {value!r}.")
     custom: dict[str, float] = {}
-    for selector, picked in sorted(
-        _resolve(custom_map, candidates, "custom_sparsity").items(), key=lambda kv: _specificity(kv[0])
-    ):
+    best: dict[str, int] = {}
+    for selector, picked in _resolve(custom_map, candidates, "custom_sparsity").items():
         for w in picked:
-            custom[w.name] = float(custom_map[selector])
+            rank = _specificity(selector, w)
+            if rank >= best.get(w.name, -1):
+                best[w.name] = rank
+                custom[w.name] = float(custom_map[selector])
     dense = {w.name for picked in _resolve(dense_list, candidates, "dense_layers").values() for w in picked}
     weights = [
         w for w in candidates

@@ -595,6 +595,11 @@ def maskable_weights(model) -> list[MaskedWeight]:
         if not names or not layer.built:
             continue
         for attribute in names:
+            if not isinstance(_stored(layer, attribute), keras.Variable):
+                raise ValueError(
+                    f"Layer {layer.name!r} ({type(layer).__name__}) declares maskable weight "
+                    f"{attribute!r}, but has no such variable."
+                )
             weights.append(MaskedWeight(layer, attribute, _weight_name(chain, attribute, len(names)), chain))
     return _unique(weights)
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import rigl_keras as rk
 from rigl_keras import engine
+from rigl_keras.layers import MaskedWeight
 from rigl_keras.sparsify import random_mask
 
 
@@ -38,7 +39,7 @@ def test_hand_computed_drop_and_grow():
 def test_just_dropped_position_can_be_regrown():
     new, keep = np_masks([1, 1, 0], [0.5, 0.1, 0], [0.0, 9.0, 1.0], 1)
     assert keep.tolist() == [True, False, False]
-    assert new.tolist() == [True, True, False]  # regrown, but not kept: weight reset
+    assert new.tolist() == [True, True, False]  # regrown (drop_grow keeps its weight: see below)
 
 
 def test_ties_are_broken_by_index():
@@ -48,76 +49,140 @@ def test_ties_are_broken_by_index():
     assert new.tolist() == [True, True, False, True, False, False]
 
 
-def test_counts_out_of_range():
-    with pytest.raises(ValueError, match="n_drop"):
-        np_masks([1, 0], [1, 0], [0, 1], 2)
-    with pytest.raises(ValueError, match="n_grow"):
-        np_masks([1, 0], [1, 0], [0, 1], 1, 3)
+def test_ties_go_to_the_lower_index_on_large_inputs():
+    # Many ties at the threshold, on the backend's own tensors: keep the 5
+    # lowest-index active ones of equal magnitude, grow the 7 lowest-index
+    # free positions of equal score (ties among 500 positions).
+    size = 1000
+    mask = np.zeros(size, "float32")
+    mask[::2] = 1  # 500 active at even indices
+    weights = np.where(mask == 1, 0.5, 0).astype("float32")
+    grow = np.where(mask == 1, 0, 1).astype("float32")
+    grow[999] = 2.0  # one clear winner
+    new, keep = np_masks(mask, weights, grow, 495, 502)
+    assert np.flatnonzero(keep).tolist() == [0, 2, 4, 6, 8]
+    grown = np.flatnonzero(new & ~keep)
+    # Free positions: the 500 odd indices (score 1, 2 at 999) and the 495
+    # dropped even ones (score 0): all odd ones grow, then the two lowest
+    # dropped ones, 10 and 12.
+    assert grown.tolist() == sorted([10, 12] + list(range(1, 1000, 2)))
+    assert new.sum() == 5 + 502
 
 
-@settings(max_examples=50, deadline=None)
-@given(
-    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
-    density=st.floats(0.0, 1.0),
-    fraction=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
-def test_any_shape_keeps_exact_count(shape, density, fraction, seed):
-    rng = np.random.default_rng(seed)
-    size = int(np.prod(shape))
-    mask = random_mask(shape, int(round(density * size)), rng)
-    weights = rng.normal(size=shape) * mask
-    n_drop = int(fraction * mask.sum())
-    new, keep = np_masks(mask, weights, rng.random(shape), n_drop)
-    assert new.shape == tuple(shape)
-    assert new.sum() == mask.sum()
-    assert keep.sum() == mask.sum() - n_drop
-    assert np.all(mask[keep] == 1)  # kept positions were active
-    kept_min = np.abs(weights[keep]).min() if keep.any() else np.inf
-    dropped = (mask == 1) & ~keep
-    assert not dropped.any() or np.abs(weights[dropped]).max() <= kept_min
+def npv(x):
+    return keras.ops.convert_to_numpy(x)
 
 
-def _trained_layer(optimizer):
-    model = keras.Sequential([keras.Input((4,)), rk.MaskedDense(3, name="d")])
+def _trained(optimizer, sparsity=0.0):
+    model = rk.sparsify(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")]), sparsity, "erk")
     model.compile(optimizer, "mse")
     rng = np.random.default_rng(0)
-    model.fit(rng.random((16, 4)), rng.random((16, 3)), epochs=2, verbose=0)
-    return model, model.get_layer("d")
+    model.fit(rng.random((16, 4)).astype("float32"), rng.random((16, 3)).astype("float32"), epochs=2, verbose=0)
+    return model, rk.masked_weights(model)[0]
+
+
+def _slots(model, w):
+    return engine.optimizer_state_for(model.optimizer, w.variable, model.trainable_variables)
 
 
 @pytest.mark.parametrize(
-    "optimizer, slot_count",
-    [(lambda: keras.optimizers.SGD(0.1, momentum=0.9), 1), (lambda: keras.optimizers.Adam(0.01), 2)],
+    "optimizer, slot_count, initial",
+    [
+        (lambda: keras.optimizers.SGD(0.1, momentum=0.9), 1, 0.0),
+        (lambda: keras.optimizers.Adam(0.01), 2, 0.0),
+        (lambda: keras.optimizers.Adagrad(0.1, initial_accumulator_value=0.1), 1, 0.1),
+    ],
 )
-def test_grown_and_dropped_positions_have_zero_weight_and_state(optimizer, slot_count):
-    model, layer = _trained_layer(optimizer())
-    mask = np.ones((4, 3), "float32")
+def test_grown_and_dropped_positions_get_zero_weight_and_initial_state(optimizer, slot_count, initial):
+    model, w = _trained(optimizer())
+    mask = np.ones((4, 3), "uint8")
     mask[:, 2] = 0  # column 2 inactive
-    kernel = layer.raw_kernel.numpy() * mask
+    kernel = npv(w.variable) * mask
     kernel[0, 0] = 1e-4  # the smallest active weight: dropped first
-    layer.mask.assign(mask)
-    layer.raw_kernel.assign(kernel)
-    slots = engine.optimizer_state_for(model.optimizer, layer.raw_kernel, model.trainable_variables)
+    w.mask.assign(mask)
+    w.variable.assign(kernel)
+    slots = _slots(model, w)
     assert len(slots) == slot_count
     for slot in slots:
-        slot.assign(slot.numpy() * mask)
-    before = [s.numpy().copy() for s in slots]
+        assert engine.slot_initial_value(model.optimizer, slot) == pytest.approx(initial)
+        state = npv(slot)
+        slot.assign(np.where(mask == 1, state, np.float32(initial)))
+    before = [npv(s).copy() for s in slots]
     grow = np.zeros((4, 3), "float32")
     grow[3, 2] = 5.0  # grow (3, 2)
-    result = engine.drop_grow(layer, 1, grow, slots)
-    new_mask = layer.mask.numpy()
+    result = engine.drop_grow(w, 1, grow, slots, optimizer=model.optimizer)
+    new_mask = npv(w.mask)
     assert new_mask[0, 0] == 0 and new_mask[3, 2] == 1 and new_mask.sum() == mask.sum()
-    assert result.changed == 1 and result.active == 8
-    assert layer.raw_kernel.numpy()[3, 2] == 0 and layer.raw_kernel.numpy()[0, 0] == 0
+    assert result.changed == 1 and result.active == 8 and not result.skipped
+    assert npv(w.variable)[3, 2] == 0 and npv(w.variable)[0, 0] == 0
     survivors = (mask == 1) & (new_mask == 1)
-    np.testing.assert_array_equal(layer.raw_kernel.numpy()[survivors], kernel[survivors])
+    np.testing.assert_array_equal(npv(w.variable)[survivors], kernel[survivors])
     for slot, old in zip(slots, before):
-        values = slot.numpy()
-        assert values[3, 2] == 0 and values[0, 0] == 0
+        values = npv(slot)
+        # Changed: reset to the optimizer's initial value (Adagrad: 0.1), not 0.
+        assert values[3, 2] == pytest.approx(initial) and values[0, 0] == pytest.approx(initial)
         np.testing.assert_array_equal(values[survivors], old[survivors])
-        assert np.any(values[survivors] != 0)
+        assert np.any(values[survivors] != initial)
     rk.check_sparsity(model)
+
+
+def test_dropped_and_regrown_connection_keeps_weight_and_state():
+    # Changed (official rule): a connection dropped and grown back in the same
+    # update is not new; it keeps its weight and optimizer state.
+    model, w = _trained(keras.optimizers.SGD(0.1, momentum=0.9))
+    kernel = np.float32([[0.9, 0.8, 0], [0.1, 0.7, 0], [0.6, 0, 0], [0.5, 0, 0]])
+    mask = (kernel != 0).astype("uint8")  # 6 active
+    w.mask.assign(mask)
+    w.variable.assign(kernel)
+    (slot,) = _slots(model, w)
+    momentum = np.arange(1, 13, dtype="float32").reshape(4, 3) * mask
+    slot.assign(momentum)
+    grow = np.zeros((4, 3), "float32")
+    grow[1, 0] = 9.0  # the smallest weight (0.1 at (1, 0)) is dropped and regrown
+    grow[3, 2] = 8.0  # and (3, 2) grows
+    result = engine.drop_grow(w, 2, grow, [slot], optimizer=model.optimizer)
+    # Drops: 0.1 at (1, 0) and 0.5 at (3, 0); grows (1, 0) and (3, 2).
+    expected_mask = mask.copy()
+    expected_mask[3, 0], expected_mask[3, 2] = 0, 1
+    np.testing.assert_array_equal(npv(w.mask), expected_mask)
+    assert result.changed == 1 and result.active == 6
+    expected_kernel = kernel.copy()
+    expected_kernel[3, 0] = 0  # dropped: reset
+    np.testing.assert_array_equal(npv(w.variable), expected_kernel)  # (1, 0) keeps 0.1
+    expected_momentum = momentum.copy()
+    expected_momentum[3, 0] = 0
+    np.testing.assert_array_equal(npv(slot), expected_momentum)  # (1, 0) keeps 4.0
+    rk.check_sparsity(model)
+
+
+def test_check_sparsity_passes_on_adagrad_training():
+    x = np.random.default_rng(0).normal(size=(32, 20)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 5, size=32)
+    from conftest import mlp
+
+    model = rk.sparsify(mlp(), 0.8, "erk")
+    model.compile(keras.optimizers.Adagrad(0.1, initial_accumulator_value=0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    counts = {w.name: engine.active_connections(w) for w in rk.masked_weights(model)}
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    rk.check_sparsity(model, counts)
+    for w in rk.masked_weights(model):
+        (slot,) = _slots(model, w)
+        outside = npv(w.mask) == 0
+        np.testing.assert_allclose(npv(slot)[outside], 0.1)  # untouched initial accumulator
+        score = np.random.default_rng(2).random(w.shape).astype("float32")
+        engine.drop_grow(w, counts[w.name] // 3, score, [slot], optimizer=model.optimizer)
+    rk.check_sparsity(model, counts)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    rk.check_sparsity(model, counts)
+    # The audit does look at the state: 0 is not Adagrad's initial value.
+    w = rk.masked_weights(model)[0]
+    (slot,) = _slots(model, w)
+    state = npv(slot)
+    state[npv(w.mask) == 0] = 0.0
+    slot.assign(state)
+    with pytest.raises(rk.SparsityInvariantError, match="initial"):
+        rk.check_sparsity(model)
 
 
 def test_optimizer_state_is_matched_by_longest_name():
@@ -131,47 +196,62 @@ def test_optimizer_state_is_matched_by_longest_name():
 
     model = keras.Sequential([keras.Input((2,)), Two(name="t")])
     model.compile(keras.optimizers.Adam(), "mse")
-    model.fit(np.ones((2, 2)), np.ones((2, 2)), verbose=0)
+    model.fit(np.ones((2, 2), "float32"), np.ones((2, 2), "float32"), verbose=0)
     layer = model.get_layer("t")
     slots = engine.optimizer_state_for(model.optimizer, layer.kernel, model.trainable_variables)
     assert len(slots) == 2 and all("kernel_x" not in s.name for s in slots)
 
 
 def test_loss_scale_optimizer_state_is_found():
-    model, layer = _trained_layer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(momentum=0.9)))
-    slots = engine.optimizer_state_for(model.optimizer, layer.raw_kernel, model.trainable_variables)
+    model, w = _trained(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(momentum=0.9)))
+    slots = _slots(model, w)
     assert [s.name.endswith("kernel_momentum") for s in slots] == [True]
 
 
-def test_non_finite_scores_skip_the_layer_with_a_warning():
-    layer = rk.MaskedDense(2)
-    layer.build((None, 2))
-    layer.mask.assign([[1, 0], [1, 0]])
-    before = layer.mask.numpy().copy()
+def _weight(units, inputs):
+    layer = rk.MaskedDense(units)
+    layer.build((None, inputs))
+    return MaskedWeight(layer, "kernel", "w")
+
+
+def test_non_finite_scores_skip_the_weight_with_a_warning():
+    w = _weight(2, 2)
+    w.mask.assign(np.uint8([[1, 0], [1, 0]]))
+    before = npv(w.mask).copy()
     with pytest.warns(RuntimeWarning, match="skipped"):
-        result = engine.drop_grow(layer, 1, np.array([[0, np.nan], [0, 1]], "float32"))
+        result = engine.drop_grow(w, 1, np.array([[0, np.nan], [0, 1]], "float32"))
     assert result.skipped and result.changed == 0
-    np.testing.assert_array_equal(layer.mask.numpy(), before)
+    np.testing.assert_array_equal(npv(w.mask), before)
+
+
+def test_constant_grow_scores_skip_the_weight_with_a_warning():
+    w = _weight(3, 4)
+    mask = np.uint8([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    w.mask.assign(mask)
+    kernel = npv(w.variable).copy()
+    with pytest.warns(RuntimeWarning, match="constant"):
+        result = engine.drop_grow(w, 2, np.full((4, 3), 0.5, "float32"))
+    assert result.skipped and result.changed == 0 and result.active == 6
+    np.testing.assert_array_equal(npv(w.mask), mask)
+    np.testing.assert_array_equal(npv(w.variable), kernel)
 
 
 def test_prune_keeps_largest_and_only_shrinks():
-    layer = rk.MaskedDense(2)
-    layer.build((None, 3))
-    layer.raw_kernel.assign([[0.1, -0.5], [0.3, 0.0], [-0.9, 0.2]])
-    layer.mask.assign([[1, 1], [1, 0], [1, 1]])
-    result = engine.prune(layer, 3)
-    assert layer.mask.numpy().tolist() == [[0, 1], [1, 0], [1, 0]]
+    w = _weight(2, 3)
+    w.variable.assign(np.float32([[0.1, -0.5], [0.3, 0.0], [-0.9, 0.2]]))
+    w.mask.assign(np.uint8([[1, 1], [1, 0], [1, 1]]))
+    result = engine.prune(w, 3)
+    assert npv(w.mask).tolist() == [[0, 1], [1, 0], [1, 0]]
     assert result.changed == 2 and result.active == 3
-    np.testing.assert_array_equal(layer.raw_kernel.numpy(), np.float32([[0, -0.5], [0.3, 0], [-0.9, 0]]))
+    np.testing.assert_array_equal(npv(w.variable), np.float32([[0, -0.5], [0.3, 0], [-0.9, 0]]))
 
 
-def test_dense_layer_stays_dense_and_untouched():
-    # A dense layer (first layer under "uniform") has nowhere else to grow:
+def test_dense_weight_stays_dense_and_untouched():
+    # A dense weight (first layer under "uniform") has nowhere else to grow:
     # dropping would only reset its smallest weights to zero.
-    layer = rk.MaskedDense(3)
-    layer.build((None, 4))
-    kernel = layer.raw_kernel.numpy().copy()
-    result = engine.drop_grow(layer, 3, np.ones((4, 3), "float32"))
+    w = _weight(3, 4)
+    kernel = npv(w.variable).copy()
+    result = engine.drop_grow(w, 3, np.random.default_rng(0).random((4, 3)).astype("float32"))
     assert result.changed == 0 and result.active == 12
-    np.testing.assert_array_equal(layer.raw_kernel.numpy(), kernel)
-    np.testing.assert_array_equal(layer.mask.numpy(), 1.0)
+    np.testing.assert_array_equal(npv(w.variable), kernel)
+    np.testing.assert_array_equal(npv(w.mask), 1)
