@@ -40,6 +40,7 @@ from rigl_keras.layers import (
     masked_weights,
 )
 from rigl_keras import baselines
+from rigl_keras.summaries import SparsitySummaries
 from rigl_keras.schedules import PolynomialSchedule, UpdateSchedule
 from rigl_keras.sparsify import (
     SparsityReport,
@@ -92,5 +93,6 @@ __all__ = [
     "PolynomialSchedule",
     "check_sparsity",
     "SparsityInvariantError",
+    "SparsitySummaries",
     "baselines",
 ]

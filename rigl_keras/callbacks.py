@@ -309,6 +309,9 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             check_sparsity(self.model, self._counts if self.keeps_counts else None)
         if not self.keeps_counts:
             self._counts = self._current_counts()
+        summaries = getattr(self.model, "_rigl_summaries", None)  # rigl_keras.summaries
+        if summaries is not None:
+            summaries.on_update(self.model, self._last_step, self.fraction_key, fraction, changed)
 
     def _current_counts(self) -> dict[str, int]:
         return {w.name: engine.active_connections(w) for w in self._weights}
