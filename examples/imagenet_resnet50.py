@@ -1,6 +1,6 @@
 r"""ResNet-50 on ImageNet-2012 with RigL or any baseline, with the paper's recipe.
 
-Batch 4096, SGD with momentum 0.9, learning rate 1.6 (scaled linearly with
+Batch 4096, SGD with Nesterov momentum 0.9 (as the official code), learning rate 1.6 (scaled linearly with
 the batch size) reached by a linear warm-up over 5 epochs and divided by 10
 at epochs 30, 70 and 90, label smoothing 0.1, weight decay 1e-4, random
 crops and flips, 32k steps (~100 epochs), connectivity updates every
@@ -64,7 +64,7 @@ class Config:
     label_smoothing: float = 0.1
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    nesterov: bool = False
+    nesterov: bool = True  # the official imagenet_resnet training uses Nesterov momentum
     train_steps: int = 0
     end_step: int = 0
     prune_begin_step: int = 0

@@ -3,7 +3,8 @@
 Everything else in rigl_keras is `keras.ops`. The training step's own dense
 gradient needs no backend code at all: it is captured by the masked weight's
 G variable (`rigl_keras.layers`). `dense_gradients` is the optional side
-channel (`grow_data`, as the official TF2 port of RigL does): one stateless
+channel (`grow_data`, close to the official TF2 port of RigL, which uses one
+fixed batch of 1000 examples): one stateless
 forward/backward pass on a given batch.
 """
 

@@ -8,10 +8,12 @@ schedule and runs the engine; a method (RigL here, SET and SNFS in
 Growth gradients (RigL, SNFS, SNIP) are, by default, the gradient of the
 batch being trained on: every masked weight captures ∂L/∂W_eff inside the
 compiled train step (`rigl_keras.layers`), as the paper and the official TF1
-code do. `grow_data` is the alternative of the official TF2 port: a batch of
-given training data drawn at each update (keyed to the optimizer step, so a
-resumed run draws the same ones), at the cost of one extra forward and
-backward pass per update.
+code do. `grow_data` is an alternative side channel: a batch of given
+training data drawn at each update (keyed to the optimizer step, so a resumed
+run draws the same ones), at the cost of one extra forward and backward pass
+per update. (The official TF2 port draws one fixed batch of 1000 training
+examples once; passing a 1000-row array tuple with `grow_batch_size=1000`
+comes closest.)
 """
 
 from __future__ import annotations
@@ -519,9 +521,10 @@ class RigLCallback(DynamicSparseCallback):
     batch, captured inside the compiled train step (paper §3(4); no extra
     pass; the model must be sparsified with `capture_gradients=True`, the
     default). With `grow_data`, a batch of that data is drawn at each update
-    instead and costs one extra forward and backward pass (the official TF2
-    port's behaviour). Newly grown weights start at 0 with initial optimizer
-    state; a connection dropped and grown back keeps both.
+    instead and costs one extra forward and backward pass (close to the
+    official TF2 port, which draws one fixed batch of 1000 examples once).
+    Newly grown weights start at 0 with initial optimizer state; a
+    connection dropped and grown back keeps both.
 
     Logs: on update batches, `drop_fraction` and `connections_changed`; at
     epoch end, the epoch's `connections_changed` total, `mask_updates` and the
