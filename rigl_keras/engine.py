@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from rigl_keras.selection import select_top_k
+from rigl_keras.selection import HOST_BELOW, host_top_k_mask, select_top_k
 
 __all__ = [
     "UpdateResult",
@@ -57,8 +57,57 @@ class UpdateResult:
     skipped: bool = False
 
 
-def _flat(x):
-    return ops.reshape(x, (-1,))
+class _HostOps:
+    """NumPy stand-ins for the `keras.ops` the engine uses.
+
+    Weights below `selection.HOST_BELOW` entries (most layers of most models)
+    are updated on the host: a few transfers beat hundreds of small device
+    ops (or, on JAX, their compiles).
+    """
+
+    not_equal, equal = staticmethod(np.not_equal), staticmethod(np.equal)
+    logical_or, logical_and = staticmethod(np.logical_or), staticmethod(np.logical_and)
+    logical_not, where = staticmethod(np.logical_not), staticmethod(np.where)
+    abs, isfinite, all = staticmethod(np.abs), staticmethod(np.isfinite), staticmethod(np.all)
+    max, min, sum = staticmethod(np.max), staticmethod(np.min), staticmethod(np.sum)
+    reshape, multiply = staticmethod(np.reshape), staticmethod(np.multiply)
+    zeros_like, full_like = staticmethod(np.zeros_like), staticmethod(np.full_like)
+
+    @staticmethod
+    def cast(x, dtype):
+        return np.asarray(x).astype(dtype)
+
+    @staticmethod
+    def top_k(scores, k):
+        n = scores.shape[0]
+        if k <= 0 or k >= n:
+            return np.full((n,), k > 0)
+        return host_top_k_mask(scores, k)
+
+
+class _DeviceOps:
+    """`keras.ops`, plus the engine's selection."""
+
+    def __getattr__(self, name):
+        return getattr(ops, name)
+
+    @staticmethod
+    def top_k(scores, k):
+        return select_top_k(scores, k)
+
+
+_HOST, _DEVICE = _HostOps(), _DeviceOps()
+
+
+def _ops_for(size: int):
+    return _HOST if size < HOST_BELOW else _DEVICE
+
+
+def _on(xp, x):
+    """`x` (tensor, variable or array) as an array of `xp`'s kind."""
+    if xp is _HOST:
+        return np.asarray(keras.ops.convert_to_numpy(x))
+    return ops.stop_gradient(x.value) if isinstance(x, keras.Variable) else x
 
 
 def drop_grow_masks(mask, drop_score, grow_score, n_drop: int, n_grow: int | None = None):
@@ -87,19 +136,20 @@ def drop_grow_masks(mask, drop_score, grow_score, n_drop: int, n_grow: int | Non
     n_grow = n_drop if n_grow is None else n_grow
     shape = tuple(mask.shape)
     size = int(np.prod(shape))
-    active = ops.not_equal(_flat(mask), 0)
-    n_active = int(ops.sum(ops.cast(active, "int32")))
+    xp = _ops_for(size)
+    active = xp.not_equal(xp.reshape(_on(xp, mask), (-1,)), 0)
+    n_active = int(xp.sum(xp.cast(active, "int32")))
     if not 0 <= n_drop <= n_active:
         raise ValueError(f"n_drop must be in [0, {n_active}]; got {n_drop}.")
     if not 0 <= n_grow <= size - (n_active - n_drop):
         raise ValueError(f"n_grow must be in [0, {size - (n_active - n_drop)}]; got {n_grow}.")
     neg_inf = float("-inf")
-    drop_score = ops.where(active, ops.cast(_flat(drop_score), "float32"), neg_inf)
-    keep = select_top_k(drop_score, n_active - n_drop)
-    grow_score = ops.where(keep, neg_inf, ops.cast(_flat(grow_score), "float32"))
-    grown = select_top_k(grow_score, n_grow)
-    new_mask = ops.logical_or(keep, grown)
-    return ops.reshape(new_mask, shape), ops.reshape(keep, shape)
+    drop_score = xp.where(active, xp.cast(xp.reshape(_on(xp, drop_score), (-1,)), "float32"), neg_inf)
+    keep = xp.top_k(drop_score, n_active - n_drop)
+    grow_score = xp.where(keep, neg_inf, xp.cast(xp.reshape(_on(xp, grow_score), (-1,)), "float32"))
+    grown = xp.top_k(grow_score, n_grow)
+    new_mask = xp.logical_or(keep, grown)
+    return xp.reshape(new_mask, shape), xp.reshape(keep, shape)
 
 
 def prune_mask(mask, score, n_keep: int):
@@ -116,12 +166,14 @@ def prune_mask(mask, score, n_keep: int):
     Raises:
       ValueError: if `n_keep` is out of range.
     """
-    active = ops.not_equal(_flat(mask), 0)
-    n_active = int(ops.sum(ops.cast(active, "int32")))
+    shape = tuple(mask.shape)
+    xp = _ops_for(int(np.prod(shape)))
+    active = xp.not_equal(xp.reshape(_on(xp, mask), (-1,)), 0)
+    n_active = int(xp.sum(xp.cast(active, "int32")))
     if not 0 <= n_keep <= n_active:
         raise ValueError(f"n_keep must be in [0, {n_active}]; got {n_keep}.")
-    score = ops.where(active, ops.cast(_flat(score), "float32"), float("-inf"))
-    return ops.reshape(select_top_k(score, n_keep), tuple(mask.shape))
+    score = xp.where(active, xp.cast(xp.reshape(_on(xp, score), (-1,)), "float32"), float("-inf"))
+    return xp.reshape(xp.top_k(score, n_keep), shape)
 
 
 # ---------------------------------------------------------------------------
@@ -219,36 +271,37 @@ def commit(weight, new_mask, keep, slots=(), optimizer=None) -> None:
       slots: the optimizer state variables of the weight.
       optimizer: the optimizer owning `slots` (for their initial values).
     """
-    variable = weight.variable
-    weight.mask.assign(ops.cast(new_mask, weight.mask.dtype))
-    variable.assign(ops.where(keep, _read(variable), ops.zeros_like(_read(variable))))
+    xp = _ops_for(weight.size)
+    keep = xp.reshape(_on(xp, keep), weight.shape)
+    weight.mask.assign(xp.cast(xp.reshape(_on(xp, new_mask), weight.shape), weight.mask.dtype))
+    value = _on(xp, weight.variable)
+    weight.variable.assign(xp.where(keep, value, xp.zeros_like(value)))
     for slot in slots:
         initial = slot_initial_value(optimizer, slot) if optimizer is not None else 0.0
-        slot.assign(ops.where(keep, _read(slot), ops.full_like(_read(slot), initial)))
+        state = _on(xp, slot)
+        slot.assign(xp.where(keep, state, xp.full_like(state, initial)))
 
 
-def _read(variable):
-    # A detached tensor: on torch, reading a Parameter would build a graph.
-    return ops.stop_gradient(variable.value)
-
-
-def _all_finite(*tensors) -> bool:
-    return all(bool(ops.all(ops.isfinite(ops.cast(t, "float32")))) for t in tensors)
+def _all_finite(xp, *tensors) -> bool:
+    return all(bool(xp.all(xp.isfinite(xp.cast(t, "float32")))) for t in tensors)
 
 
 def active_connections(weight) -> int:
     """The number of ones in `weight`'s mask."""
-    return int(ops.sum(ops.cast(ops.not_equal(_read(weight.mask), 0), "int32")))
+    xp = _ops_for(weight.size)
+    return int(xp.sum(xp.cast(xp.not_equal(_on(xp, weight.mask), 0), "int32")))
 
 
 def scores_are_finite(weight, grow_score, drop_score=None) -> bool:
     """False (with a warning) if a grow score or an active entry is not finite,
     or if the grow scores are all equal (growth would follow index order)."""
+    xp = _ops_for(weight.size)
+    grow_score = _on(xp, grow_score)
     if drop_score is None:
-        drop_score = ops.where(ops.not_equal(_read(weight.mask), 0), _read(weight.variable), 0)
-    if not _all_finite(drop_score, grow_score):
+        drop_score = xp.where(xp.not_equal(_on(xp, weight.mask), 0), _on(xp, weight.variable), 0)
+    if not _all_finite(xp, _on(xp, drop_score), grow_score):
         reason = "non-finite weights or growth scores"
-    elif float(ops.max(grow_score)) == float(ops.min(grow_score)):
+    elif float(xp.max(grow_score)) == float(xp.min(grow_score)):
         reason = "constant growth scores (growth would follow index order)"
     else:
         return True
@@ -283,8 +336,9 @@ def drop_grow(weight, n_drop: int, grow_score, slots=(), *, n_grow: int | None =
     Returns:
       An `UpdateResult`.
     """
-    mask = _read(weight.mask)
-    n_active = active_connections(weight)
+    xp = _ops_for(weight.size)
+    mask = _on(xp, weight.mask)
+    n_active = int(xp.sum(xp.cast(xp.not_equal(mask, 0), "int32")))
     n_grow = n_drop if n_grow is None else n_grow
     if n_active == weight.size and n_grow == n_drop:
         # A dense weight (the first layer under "uniform", one capped by ERK)
@@ -292,14 +346,16 @@ def drop_grow(weight, n_drop: int, grow_score, slots=(), *, n_grow: int | None =
         return UpdateResult(weight.name, n_active, 0)
     if n_drop == 0 and n_grow == 0:
         return UpdateResult(weight.name, n_active, 0)
-    active = ops.not_equal(mask, 0)
+    active = xp.not_equal(mask, 0)
+    grow_score = _on(xp, grow_score)
     if drop_score is None:
-        drop_score = ops.abs(ops.where(active, _read(weight.variable), 0))
+        drop_score = xp.abs(xp.where(active, _on(xp, weight.variable), 0))
+    drop_score = _on(xp, drop_score)
     if not scores_are_finite(weight, grow_score, drop_score):
         return UpdateResult(weight.name, n_active, 0, skipped=True)
     new_mask, _ = drop_grow_masks(mask, drop_score, grow_score, n_drop, n_grow)
-    survives = ops.logical_and(new_mask, active)
-    changed = int(ops.sum(ops.cast(ops.logical_and(new_mask, ops.logical_not(active)), "int32")))
+    survives = xp.logical_and(new_mask, active)
+    changed = int(xp.sum(xp.cast(xp.logical_and(new_mask, xp.logical_not(active)), "int32")))
     commit(weight, new_mask, survives, slots, optimizer)
     return UpdateResult(weight.name, n_active - n_drop + n_grow, changed)
 
@@ -317,11 +373,11 @@ def prune(weight, n_keep: int, slots=(), score=None, optimizer=None) -> UpdateRe
     Returns:
       An `UpdateResult` whose `changed` counts removed connections.
     """
-    mask = _read(weight.mask)
-    n_active = active_connections(weight)
-    if score is None:
-        score = ops.abs(_read(weight.variable))
-    if not _all_finite(ops.where(ops.not_equal(mask, 0), score, 0)):
+    xp = _ops_for(weight.size)
+    mask = _on(xp, weight.mask)
+    n_active = int(xp.sum(xp.cast(xp.not_equal(mask, 0), "int32")))
+    score = xp.abs(_on(xp, weight.variable)) if score is None else _on(xp, score)
+    if not _all_finite(xp, xp.where(xp.not_equal(mask, 0), score, 0)):
         warnings.warn(
             f"rigl_keras: non-finite weights in {weight.name!r}; its pruning step is skipped.",
             RuntimeWarning,

@@ -35,7 +35,7 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["top_k_mask", "kth_largest", "select_top_k"]
+__all__ = ["top_k_mask", "kth_largest", "select_top_k", "host_top_k_mask", "HOST_BELOW"]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
@@ -271,11 +271,11 @@ def _top_k_mask(scores, k, n):
 _COMPILED: dict = {}
 #: Below this size a host-side selection beats any device kernel launch
 #: sequence or compile: most layers of most models are this small.
-_HOST_BELOW = 1 << 20
+HOST_BELOW = 1 << 20
 
 
-def _host_top_k_mask(scores, k: int) -> np.ndarray:
-    """`top_k_mask` in NumPy: partition for the threshold, ties by lower index."""
+def host_top_k_mask(scores, k: int) -> np.ndarray:
+    """`top_k_mask` in NumPy (0 < k < n): partition for the threshold, ties by lower index."""
     s = np.asarray(keras.ops.convert_to_numpy(scores), dtype=np.float32)
     n = s.shape[0]
     threshold = np.partition(s, n - k)[n - k]
@@ -301,8 +301,8 @@ def select_top_k(scores, k: int):
     """
     backend = keras.backend.backend()
     n = int(scores.shape[0])
-    if 0 < k < n and n < _HOST_BELOW:
-        return ops.convert_to_tensor(_host_top_k_mask(scores, k))
+    if 0 < k < n and n < HOST_BELOW:
+        return ops.convert_to_tensor(host_top_k_mask(scores, k))
     if k <= 0 or k >= n or backend not in ("jax", "tensorflow"):
         return top_k_mask(scores, k)
     function = _COMPILED.get(backend)
