@@ -1,4 +1,7 @@
-"""Baselines on the shared engine: Static, SET, SNFS, SNIP, pruning, Small-Dense, registry."""
+"""Baselines on the shared engine: Static, SET, SNFS, SNIP, pruning, Small-Dense, registry.
+
+Backend-agnostic: runs under KERAS_BACKEND=tensorflow, jax and torch.
+"""
 
 import json
 import subprocess
@@ -15,15 +18,35 @@ from rigl_keras.distributions import active_count
 from conftest import classification_data, compile_sgd, masks, mlp
 
 
+def numpy(x):
+    return np.array(keras.ops.convert_to_numpy(x))
+
+
 def counts(model):
     return {name: int(m.sum()) for name, m in masks(model).items()}
 
 
-def fit(model, callbacks, x, y, epochs=2, batch_size=20, each_batch=None):
+def fit(model, callbacks, x, y, epochs=1, batch_size=20, each_batch=None):
     extra = []
     if each_batch is not None:
-        extra = [keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: each_batch(model))]
+        class EachBatch(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                each_batch(self.model)  # `self.model` syncs JAX state first
+
+        extra = [EachBatch()]
     return model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=callbacks + extra)
+
+
+def attach(callback, model, steps=100, epochs=1):
+    callback.set_model(model)
+    callback.set_params({"steps": steps, "epochs": epochs, "verbose": 0})
+    callback.on_train_begin()
+    callback.on_epoch_begin(0)
+    return callback
+
+
+def weight(model, name):
+    return {w.name: w for w in rk.masked_weights(model)}[name]
 
 
 def test_static_masks_never_change():
@@ -35,22 +58,38 @@ def test_static_masks_never_change():
     assert all(np.array_equal(before[n], after[n]) for n in before)
 
 
+def test_static_sparse_training_with_adagrad_keeps_the_initial_accumulator_outside_the_mask():
+    # Adagrad's accumulator starts at 0.1, not 0: the audit must compare with that.
+    x, y = classification_data(100)
+    model = rk.sparsify(mlp(), 0.8, capture_gradients=False)
+    model.compile(keras.optimizers.Adagrad(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    fit(model, [baselines.StaticCallback(check_invariants=True)], x, y, epochs=1)
+    rk.check_sparsity(model)
+    w = weight(model, "fc1")
+    [accumulator] = rk.engine.optimizer_state_for(model.optimizer, w.variable, model.trainable_variables)
+    state, mask = numpy(accumulator), numpy(w.mask)
+    np.testing.assert_allclose(state[mask == 0], 0.1)
+    assert np.all(state[mask == 1] >= 0.1) and np.any(state[mask == 1] > 0.1)
+
+
 @pytest.mark.parametrize(
     "make",
     [
         lambda x, y: baselines.SETCallback(delta_t=3, check_invariants=True),
+        lambda x, y: rk.RigLCallback(delta_t=3, check_invariants=True),
         lambda x, y: rk.RigLCallback(delta_t=3, grow_data=(x, y), check_invariants=True),
+        lambda x, y: baselines.SNFSCallback(delta_t=3, check_invariants=True),
         lambda x, y: baselines.SNFSCallback(delta_t=3, grow_data=(x, y), check_invariants=True),
     ],
-    ids=["set", "rigl", "snfs"],
+    ids=["set", "rigl", "rigl-grow_data", "snfs", "snfs-grow_data"],
 )
-def test_dynamic_methods_keep_exact_per_layer_counts(make):
+def test_dynamic_methods_keep_exact_per_weight_counts(make):
     x, y = classification_data(200)
     model = compile_sgd(rk.sparsify(mlp(), 0.85, "erk"))
     expected, before = counts(model), masks(model)
     seen = []
-    fit(model, [make(x, y)], x, y, each_batch=lambda m: seen.append(counts(m)))
-    assert all(c == expected for c in seen)
+    fit(model, [make(x, y)], x, y, epochs=1, each_batch=lambda m: seen.append(counts(m)))
+    assert len(seen) == 10 and all(c == expected for c in seen)
     assert any(not np.array_equal(before[n], masks(model)[n]) for n in before)
 
 
@@ -74,34 +113,106 @@ def test_snfs_momentum_is_an_ema_of_dense_gradients_and_drives_growth():
     y = rng.normal(size=(8, 2)).astype("float32")
     model = keras.Sequential([keras.Input((3,)), rk.MaskedDense(2, name="d", use_bias=False)])
     model.compile(keras.optimizers.SGD(0.0), "mse")
-    layer = model.get_layer("d")
-    mask = np.array([[1, 0], [1, 0], [1, 1]], "float32")
+    [w] = rk.masked_weights(model)
+    mask = np.array([[1, 0], [1, 0], [1, 1]], "uint8")
     kernel = np.array([[0.5, 0], [0.05, 0], [-0.7, 0.3]], "float32")
-    layer.mask.assign(mask)
-    layer.raw_kernel.assign(kernel)
-    callback = baselines.SNFSCallback(delta_t=2, alpha=0.25, decay="constant", end_step=100,
-                                      momentum=0.5, grow_data=(x, y), grow_batch_size=8)
-    callback.set_model(model)
-    callback.set_params({"steps": 100, "epochs": 1})
-    callback.on_train_begin()
+    w.mask.assign(mask)
+    w.variable.assign(kernel)
+    callback = attach(baselines.SNFSCallback(delta_t=2, alpha=0.25, decay="constant", end_step=100,
+                                             momentum=0.5, grow_data=(x, y), grow_batch_size=8), model)
     grad = x.T @ (2 * (x @ kernel - y) / y.size)  # dense gradient, hand-computed
     callback.after_step(0, 1, {})  # not an update step: only the momentum moves
-    np.testing.assert_allclose(layer.grow_momentum.numpy(), 0.5 * grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(numpy(w.momentum), 0.5 * grad, rtol=1e-5, atol=1e-7)
     # Growth follows |momentum|, not the current gradient: make them disagree.
     momentum = np.array([[0, 9.0], [0, 0.1], [0, 0]], "float32")
-    layer.grow_momentum.assign(momentum)
+    w.momentum.assign(momentum)
     callback.after_step(1, 2, {})  # step 2 is an update step: m <- 0.5 m + 0.5 g first
     m = 0.5 * momentum + 0.5 * grad
-    np.testing.assert_allclose(layer.grow_momentum.numpy(), m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(numpy(w.momentum), m, rtol=1e-5, atol=1e-7)
     # k = floor(0.25 * 4) = 1: drop the smallest |w|, 0.05 at (1, 0); grow the
     # largest |m| among the positions not kept: (0, 1), (1, 0), (1, 1).
     candidates = [(0, 1), (1, 0), (1, 1)]
     grown = max(candidates, key=lambda p: abs(m[p]))
     assert grown == (0, 1)
     assert max(candidates, key=lambda p: abs(grad[p])) == (1, 1)  # the gradient disagrees
-    expected = np.array([[1, 0], [0, 0], [1, 1]], "float32")
+    expected = np.array([[1, 0], [0, 0], [1, 1]], "uint8")
     expected[grown] = 1
-    np.testing.assert_array_equal(layer.mask.numpy(), expected)
+    np.testing.assert_array_equal(numpy(w.mask), expected)
+
+
+class RecordGradients(keras.callbacks.Callback):
+    """Placed after SNFS: records every step's captured gradient and SNFS momentum."""
+
+    def __init__(self):
+        super().__init__()
+        self.grads, self.momenta = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        weights = rk.masked_weights(self.model)
+        self.grads.append({w.name: numpy(w.gradient) for w in weights})
+        self.momenta.append({w.name: numpy(w.momentum) for w in weights})
+
+
+class PoisonGradient(keras.callbacks.Callback):
+    """Placed before SNFS: writes a NaN into one captured gradient at given batches.
+
+    The callback returned by `restore` (placed after SNFS and the recorder)
+    puts the real value back: G is read in the forward pass, and a NaN left
+    there would poison the next training step itself.
+    """
+
+    def __init__(self, name, batches):
+        super().__init__()
+        self.name, self.batches, self.saved = name, batches, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.saved = None
+        if batch in self.batches:
+            w = weight(self.model, self.name)
+            self.saved = numpy(w.gradient)
+            g = self.saved.copy()
+            g.flat[0] = np.nan
+            w.gradient.assign(g)
+
+    def restore(self):
+        poison = self
+
+        class Restore(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if poison.saved is not None:
+                    weight(self.model, poison.name).gradient.assign(poison.saved)
+
+        return Restore()
+
+
+def _ema(grads, beta):
+    m = np.zeros_like(grads[0])
+    for g in grads:
+        if np.all(np.isfinite(g)):
+            m = beta * m + (1 - beta) * g
+    return m
+
+
+@pytest.mark.parametrize("poison", [False, True], ids=["clean", "nan-step"])
+def test_snfs_momentum_is_the_ema_of_captured_training_gradients(poison):
+    x, y = classification_data(60)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8, "erk"))
+    snfs = baselines.SNFSCallback(delta_t=2, end_step=100, momentum=0.7)
+    recorder = RecordGradients()
+    poisoner = PoisonGradient("fc2", {1})
+    callbacks = [poisoner, snfs, recorder, poisoner.restore()] if poison else [snfs, recorder]
+    model.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    assert len(recorder.grads) == 3
+    for name in recorder.grads[0]:
+        grads = [g[name] for g in recorder.grads]
+        assert not np.allclose(grads[0], grads[2])
+        for step in range(3):
+            np.testing.assert_allclose(recorder.momenta[step][name], _ema(grads[: step + 1], 0.7),
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{name} after step {step + 1}")
+        assert np.all(np.isfinite(recorder.momenta[-1][name]))
+    if poison:
+        assert np.isnan(recorder.grads[1]["fc2"]).any()
+        np.testing.assert_array_equal(recorder.momenta[1]["fc2"], recorder.momenta[0]["fc2"])
 
 
 def test_snfs_redistribution_keeps_the_total_exact():
@@ -109,11 +220,31 @@ def test_snfs_redistribution_keeps_the_total_exact():
     model = compile_sgd(rk.sparsify(mlp(), 0.8, "erk"))
     total = sum(counts(model).values())
     seen = []
-    fit(model, [baselines.SNFSCallback(delta_t=3, alpha=0.5, grow_data=(x, y), redistribute=True,
-                                       check_invariants=True)], x, y,
-        each_batch=lambda m: seen.append(counts(m)))
+    fit(model, [baselines.SNFSCallback(delta_t=3, alpha=0.5, redistribute=True, check_invariants=True)],
+        x, y, each_batch=lambda m: seen.append(counts(m)))
     assert all(sum(c.values()) == total for c in seen)
     assert len({tuple(c.values()) for c in seen}) > 1  # the budget did move
+
+
+@pytest.mark.parametrize(
+    "sparsify_args, dense",
+    [(dict(distribution="uniform"), "fc1"), (dict(distribution="erk", custom_sparsity={"fc2": 0.0}), "fc2")],
+    ids=["uniform-first-layer", "custom-sparsity-0"],
+)
+def test_snfs_redistribution_never_touches_dense_weights(sparsify_args, dense):
+    x, y = classification_data(200)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8, **sparsify_args))
+    w = weight(model, dense)
+    assert counts(model)[dense] == w.size
+    initial = numpy(w.variable)
+    seen = []
+    fit(model, [baselines.SNFSCallback(delta_t=2, alpha=0.5, redistribute=True, check_invariants=True)],
+        x, y, epochs=1, each_batch=lambda m: seen.append(counts(m)))
+    assert all(c[dense] == w.size for c in seen)
+    assert len({tuple(c.values()) for c in seen}) > 1  # the others did move
+    # Trained (so not reset), never zeroed by a drop.
+    final = numpy(w.variable)
+    assert not np.array_equal(final, initial) and np.all(final != 0)
 
 
 def test_allocate_is_proportional_capped_and_exact():
@@ -131,60 +262,105 @@ def test_snip_redraws_zeroed_weights_and_hits_exact_counts():
     dense = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="d")])
     model = rk.sparsify(dense, 0.5, "erk")
     model.compile(keras.optimizers.SGD(0.0), "mse")
-    layer = model.get_layer("d")
-    random_mask = layer.mask.numpy().copy()
-    callback = baselines.SNIPCallback(0.5, "erk", grow_data=(x, y), grow_batch_size=16)
-    callback.set_model(model)
-    callback.set_params({"steps": 10, "epochs": 1})
-    callback.on_train_begin()
-    mask = layer.mask.numpy()
+    [w] = rk.masked_weights(model)
+    random_mask = numpy(w.mask)
+    attach(baselines.SNIPCallback(0.5, "erk", grow_data=(x, y), grow_batch_size=16), model, steps=10)
+    mask = numpy(w.mask)
     assert int(mask.sum()) == active_count(18, 0.5) == 9
-    kernel = layer.raw_kernel.numpy()
+    kernel = numpy(w.variable)
     assert np.all(kernel[mask == 0] == 0) and np.all(kernel[mask == 1] != 0)
     # Some kept connections were zeroed by sparsify: they were re-drawn.
     revived = (mask == 1) & (random_mask == 0)
     assert revived.any() and np.all(kernel[revived] != 0)
 
 
-def test_snip_matches_hand_computed_sensitivity():
-    rng = np.random.default_rng(3)
+def _snip_linear(rng):
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.normal(size=(16, 2)).astype("float32")
     model = keras.Sequential([keras.Input((4,)), rk.MaskedDense(2, name="d", use_bias=False)])
-    model.compile(keras.optimizers.SGD(0.0), "mse")
-    layer = model.get_layer("d")
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    [w] = rk.masked_weights(model)
     kernel = rng.normal(size=(4, 2)).astype("float32")
-    layer.raw_kernel.assign(kernel)  # mask all ones: nothing is re-drawn
+    w.variable.assign(kernel)  # mask all ones: nothing is re-drawn
     grad = x.T @ (2 * (x @ kernel - y) / y.size)
-    score = np.abs(grad * kernel).ravel()
-    callback = baselines.SNIPCallback(0.75, "erk", grow_data=(x, y), grow_batch_size=16)
-    callback.set_model(model)
-    callback.set_params({"steps": 10, "epochs": 1})
-    callback.on_train_begin()
-    expected = np.zeros(8)
-    expected[np.argsort(-score, kind="stable")[:2]] = 1
-    np.testing.assert_array_equal(layer.mask.numpy().ravel(), expected)
+    expected = np.zeros(8, "uint8")
+    expected[np.argsort(-np.abs(grad * kernel).ravel(), kind="stable")[:2]] = 1
+    return model, w, x, y, kernel, expected.reshape(4, 2)
+
+
+def test_snip_matches_hand_computed_sensitivity_with_grow_data():
+    model, w, x, y, _, expected = _snip_linear(np.random.default_rng(3))
+    attach(baselines.SNIPCallback(0.75, "erk", grow_data=(x, y), grow_batch_size=16), model, steps=10)
+    np.testing.assert_array_equal(numpy(w.mask), expected)
+
+
+def test_snip_from_the_first_training_batch_restores_the_initialization():
+    model, w, x, y, kernel, expected = _snip_linear(np.random.default_rng(3))
+    # One full-batch step: SNIP scores its captured gradient, then restores the
+    # initial weights (pruned) and resets the optimizer state.
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[baselines.SNIPCallback(0.75, "erk", check_invariants=True)])
+    np.testing.assert_array_equal(numpy(w.mask), expected)
+    np.testing.assert_allclose(numpy(w.variable), kernel * expected, rtol=1e-6)
+    for slot in rk.engine.optimizer_state_for(model.optimizer, w.variable, model.trainable_variables):
+        np.testing.assert_array_equal(numpy(slot), 0)
+
+
+def test_snip_without_grow_data_chooses_the_mask_once_with_exact_counts():
+    x, y = classification_data(200)
+    model = compile_sgd(rk.sparsify(mlp(), 0.9, "erk"))
+    targets = rk.sparsity_distribution(model, 0.9, "erk")
+    seen = []
+    fit(model, [baselines.SNIPCallback(0.9, "erk", check_invariants=True)], x, y,
+        each_batch=lambda m: seen.append(masks(m)))
+    assert len(seen) == 10
+    final = masks(model)
+    for name, target in targets.items():
+        assert int(final[name].sum()) == active_count(weight(model, name).size, target)
+        assert all(np.array_equal(s[name], final[name]) for s in seen)
+    rk.check_sparsity(model)
 
 
 def test_pruning_only_shrinks_and_reaches_final_sparsity_at_end_step():
     x, y = classification_data(200)
-    model = compile_sgd(rk.sparsify(mlp(), 0.0))
+    model = compile_sgd(rk.sparsify(mlp(), 0.0, capture_gradients=False))
     finals = rk.sparsity_distribution(model, 0.9, "erk")
     callback = baselines.MagnitudePruningCallback(finals, begin_step=4, end_step=16, frequency=4,
                                                   check_invariants=True)
     history = []
     fit(model, [callback], x, y, epochs=2, each_batch=lambda m: history.append(
-        (int(m.optimizer.iterations), counts(m))))
+        (int(numpy(m.optimizer.iterations)), counts(m))))
     for (_, a), (_, b) in zip(history, history[1:]):
         assert all(b[n] <= a[n] for n in a)
     schedule = rk.PolynomialSchedule(0.5, 4, 16, frequency=4)
     by_step = dict(history)
     for name, final in finals.items():
-        size = int(np.prod(model.get_layer(name).mask.shape))
+        size = weight(model, name).size
         assert by_step[16][name] == active_count(size, final)
         assert by_step[15][name] > by_step[16][name] or final == 0
         assert by_step[8][name] == active_count(size, callback._schedules[name].sparsity(8))
     assert schedule.sparsity(10) == pytest.approx(0.5 + (0 - 0.5) * (1 - 6 / 12) ** 3)
+
+
+def test_prune_method_without_distribution_targets_s_on_every_weight():
+    x, y = classification_data(200)
+    model, callbacks = baselines.get("prune").build(
+        mlp, 0.8, prune_begin_step=0, prune_end_step=6, prune_frequency=3, seed=1)
+    compile_sgd(model)
+    assert counts(model) == {w.name: w.size for w in rk.masked_weights(model)}  # starts dense
+    fit(model, callbacks, x, y, epochs=1)
+    final = counts(model)
+    assert sorted(final) == ["fc1", "fc2", "out"]
+    for w in rk.masked_weights(model):
+        assert final[w.name] == active_count(w.size, 0.8), w.name  # uniform, first layer included
+    # With a distribution, pruning follows it instead (ERK differs per weight).
+    model, callbacks = baselines.get("prune").build(mlp, 0.8, distribution="erk", prune_end_step=6,
+                                                    prune_frequency=3)
+    compile_sgd(model)
+    fit(model, callbacks, x, y, epochs=1)
+    targets = rk.sparsity_distribution(model, 0.8, "erk")
+    assert counts(model) == {w.name: active_count(w.size, targets[w.name]) for w in rk.masked_weights(model)}
+    assert len(set(targets.values())) > 1
 
 
 def test_polynomial_schedule_values():
@@ -215,11 +391,15 @@ def build_small(width):
     return mlp(width)
 
 
-@pytest.mark.parametrize("name", baselines.METHODS)
-def test_every_method_trains_and_round_trips(name, tmp_path):
+CASES = [(name, False) for name in baselines.METHODS] + [(name, True) for name in ("snip", "snfs", "rigl")]
+
+
+@pytest.mark.parametrize("name, grow_data", CASES,
+                         ids=[n + ("-grow_data" if g else "") for n, g in CASES])
+def test_every_method_trains_and_round_trips(name, grow_data, tmp_path):
     x, y = classification_data(200)
     model, callbacks = baselines.get(name).build(
-        build_small, 0.8, grow_data=(x, y), delta_t=3, prune_frequency=3, seed=1)
+        build_small, 0.8, grow_data=(x, y) if grow_data else None, delta_t=3, prune_frequency=3, seed=1)
     compile_sgd(model)
     history = fit(model, callbacks, x, y, epochs=1)
     assert np.isfinite(history.history["loss"][-1])
@@ -237,11 +417,23 @@ def test_every_method_trains_and_round_trips(name, tmp_path):
 
 def test_registry():
     assert baselines.get("RigL").name == "rigl" and baselines.get("small-dense").name == "small_dense"
-    assert baselines.get("rigl").needs_grow_data and not baselines.get("set").needs_grow_data
+    assert {n for n in baselines.METHODS if baselines.get(n).uses_gradients} == {"rigl", "snfs", "snip"}
     with pytest.raises(ValueError, match="Unknown method"):
         baselines.get("lottery")
-    with pytest.raises(ValueError, match="grow_data"):
-        baselines.get("snip").build(build_small, 0.5)
+
+
+@pytest.mark.parametrize("name", ["snip", "snfs", "rigl", "static", "set"])
+def test_build_captures_gradients_only_where_they_are_read(name):
+    x, y = classification_data(40)
+    method = baselines.get(name)
+    model, [callback] = method.build(build_small, 0.5)  # no grow_data: no longer an error
+    captured = [w.gradient is not None for w in rk.masked_weights(model)]
+    assert captured and all(c == method.uses_gradients for c in captured)
+    if method.uses_gradients:
+        assert callback.source.captured
+        model, [callback] = method.build(build_small, 0.5, grow_data=(x, y))
+        assert not callback.source.captured
+        assert all(w.gradient is None for w in rk.masked_weights(model))
 
 
 @pytest.mark.parametrize(
@@ -264,7 +456,7 @@ def test_bad_arguments(make, match):
         make()
 
 
-def test_pruning_map_with_unknown_layer_is_rejected_before_any_step():
+def test_pruning_map_with_unknown_weight_is_rejected_before_any_step():
     x, y = classification_data(50)
     model = compile_sgd(rk.sparsify(mlp(), 0.0))
     before = masks(model)
@@ -291,8 +483,9 @@ print(json.dumps({"bad": bad, "config": cb.get_config(), "constant": constant.ge
 """
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="tensorflow-model-optimization schedules are TensorFlow objects")
 def test_schedule_equals_tfmot_polynomial_decay():
-    pytest.importorskip("importlib")
     probe = subprocess.run([sys.executable, "-c", "import tensorflow_model_optimization"],
                            capture_output=True, text=True)
     if probe.returncode != 0:

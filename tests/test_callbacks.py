@@ -1,37 +1,74 @@
-"""RigLCallback inside model.fit: hand-computed growth, exact counts, logs, schedule, errors."""
+"""RigLCallback inside model.fit: hand-computed growth, exact counts, logs, schedule, errors.
+
+Backend-agnostic: runs under KERAS_BACKEND=tensorflow, jax and torch.
+"""
 
 import math
+import warnings
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import rigl_keras as rk
-from rigl_keras.distributions import active_count
 
 from conftest import classification_data, compile_sgd, masks, mlp
+
+TF_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                             reason="tf.data.Dataset is a TensorFlow-backend input")
+NO_TORCH = pytest.mark.skipif(keras.backend.backend() == "torch",
+                              reason="Keras' torch trainer rejects steps_per_execution > 1")
+
+
+def numpy(x):
+    return np.array(keras.ops.convert_to_numpy(x))
+
+
+def counts(model):
+    return {name: int(m.sum()) for name, m in masks(model).items()}
 
 
 def attach(callback, model, steps=100, epochs=1):
     callback.set_model(model)
     callback.set_params({"steps": steps, "epochs": epochs, "verbose": 0})
     callback.on_train_begin()
+    callback.on_epoch_begin(0)
     return callback
 
 
-def test_rigl_grows_where_the_dense_gradient_is_largest():
+def expected_rigl_mask(mask, kernel, grow_score, k):
+    """The RigL update with numpy: keep the n - k largest |w|, grow top-k score elsewhere.
+
+    Ties go to the lower flat index (stable argsort), as in the library.
+    """
+    flat_m, flat_w, flat_g = mask.ravel() != 0, np.abs(kernel).ravel(), np.abs(grow_score).ravel()
+    active = np.flatnonzero(flat_m)
+    keep = active[np.argsort(-flat_w[active], kind="stable")[: len(active) - k]]
+    candidates = np.setdiff1d(np.arange(flat_m.size), keep)
+    grow = candidates[np.argsort(-flat_g[candidates], kind="stable")[:k]]
+    expected = np.zeros(flat_m.size, "uint8")
+    expected[keep] = 1
+    expected[grow] = 1
+    return expected.reshape(mask.shape), keep, grow
+
+
+def linear_model(rng, n_in=5, n_out=4):
+    model = keras.Sequential([keras.Input((n_in,)), rk.MaskedDense(n_out, name="d")])
+    [w] = rk.masked_weights(model)
+    mask = (rng.random((n_in, n_out)) < 0.5).astype("uint8")
+    kernel = rng.normal(size=(n_in, n_out)).astype("float32") * mask
+    w.mask.assign(mask)
+    w.variable.assign(kernel)
+    return model, w, mask, kernel
+
+
+def test_rigl_grows_where_the_dense_gradient_is_largest_with_grow_data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 5)).astype("float32")
     y = rng.normal(size=(16, 4)).astype("float32")
-    model = keras.Sequential([keras.Input((5,)), rk.MaskedDense(4, name="d")])
+    model, w, mask, kernel = linear_model(rng)
     model.compile(keras.optimizers.SGD(0.1), "mse")
-    layer = model.get_layer("d")
-    mask = (rng.random((5, 4)) < 0.5).astype("float32")
-    kernel = rng.normal(size=(5, 4)).astype("float32") * mask
-    layer.mask.assign(mask)
-    layer.raw_kernel.assign(kernel)
-    bias = layer.bias.numpy()
+    bias = numpy(model.get_layer("d").bias)
     # Hand-computed dense gradient of mean((xW + b - y)^2) w.r.t. W.
     grad = x.T @ (2 * (x @ kernel + bias - y) / y.size)
     callback = attach(
@@ -40,60 +77,145 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
         model,
     )
     n_active = int(mask.sum())
-    k = n_active // 2
-    flat_w, flat_g, flat_m = np.abs(kernel).ravel(), np.abs(grad).ravel(), mask.ravel()
-    active = np.flatnonzero(flat_m)
-    keep = active[np.argsort(-flat_w[active], kind="stable")[: n_active - k]]
-    candidates = np.setdiff1d(np.arange(20), keep)
-    grow = candidates[np.argsort(-flat_g[candidates], kind="stable")[:k]]
-    expected = np.zeros(20)
-    expected[np.concatenate([keep, grow])] = 1
+    expected, keep, grow = expected_rigl_mask(mask, kernel, grad, n_active // 2)
     [result] = callback.update(10)
-    np.testing.assert_array_equal(layer.mask.numpy().ravel(), expected)
+    np.testing.assert_array_equal(numpy(w.mask), expected)
     assert result.active == n_active
-    new_positions = (expected == 1) & ~np.isin(np.arange(20), keep)
-    assert np.all(layer.raw_kernel.numpy().ravel()[new_positions] == 0)
+    was_active = mask.ravel() != 0
+    assert result.changed == int(np.sum(~was_active[grow]))
+    # New connections start at 0; connections that stay (kept, or dropped and
+    # grown back) keep their weight.
+    np.testing.assert_array_equal(numpy(w.variable), np.where((expected != 0) & (mask != 0), kernel, 0))
 
 
-def test_fit_changes_connectivity_with_exact_counts_and_logs():
+def test_captured_gradient_is_the_dense_batch_gradient_and_drives_growth():
+    # One full-batch training step with lr 0; the update then runs by hand.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(16, 5)).astype("float32")
+    y = rng.normal(size=(16, 4)).astype("float32")
+    model, w, mask, kernel = linear_model(rng)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    bias = numpy(model.get_layer("d").bias)
+    grad = x.T @ (2 * (x @ kernel + bias - y) / y.size)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    captured = numpy(w.gradient)
+    np.testing.assert_allclose(captured, grad, rtol=1e-4, atol=1e-6)
+    assert np.any(captured[mask == 0] != 0)  # dense: nonzero outside the mask
+    callback = attach(rk.RigLCallback(delta_t=1, alpha=0.5, decay="constant", end_step=100), model)
+    expected, _, _ = expected_rigl_mask(mask, kernel, captured, int(mask.sum()) // 2)
+    callback.update(1)
+    np.testing.assert_array_equal(numpy(w.mask), expected)
+
+
+class SnapshotRigL(rk.RigLCallback):
+    """Records mask, weight and captured gradient of every weight just before each update."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.snapshots = []
+
+    def update(self, step, logs=None):
+        before = {w.name: (numpy(w.mask), numpy(w.variable), numpy(w.gradient)) for w in self.masked_weights}
+        fraction = self.drop_fraction(step)
+        results = super().update(step, logs)
+        after = {w.name: numpy(w.mask) for w in self.masked_weights}
+        self.snapshots.append((step, fraction, before, after, results))
+        return results
+
+
+def test_rigl_without_grow_data_grows_top_k_of_the_captured_gradient():
+    x, y = classification_data(200)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8, "erk", seed=0))
+    rigl = SnapshotRigL(delta_t=4, alpha=0.4, end_step=20)
+    model.fit(x, y, batch_size=20, epochs=2, verbose=0, callbacks=[rigl])
+    assert [s[0] for s in rigl.snapshots] == [4, 8, 12, 16]
+    grown_somewhere = False
+    for step, fraction, before, after, results in rigl.snapshots:
+        for result in results:
+            mask, kernel, grad = before[result.weight]
+            assert np.any(grad != 0)
+            k = int(fraction * int(mask.sum()))
+            expected, keep, grow = expected_rigl_mask(mask, kernel, grad, k)
+            np.testing.assert_array_equal(after[result.weight], expected, err_msg=f"{result.weight} @ {step}")
+            assert result.changed == int(np.sum(mask.ravel()[grow] == 0))
+            grown_somewhere |= result.changed > 0
+    assert grown_somewhere
+
+
+@pytest.mark.parametrize("grow_data", [False, True], ids=["captured", "grow_data"])
+def test_fit_changes_connectivity_with_exact_counts_and_logs(grow_data):
     x, y = classification_data(400)
     model = compile_sgd(rk.sparsify(mlp(), 0.8, "erk", seed=0))
-    expected = {name: int(m.sum()) for name, m in masks(model).items()}
+    expected = counts(model)
     before = masks(model)
     batch_logs = []
     recorder = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batch_logs.append(dict(logs)))
-    rigl = rk.RigLCallback(delta_t=5, grow_data=(x, y), check_invariants=True)
+    rigl = rk.RigLCallback(delta_t=5, grow_data=(x, y) if grow_data else None, check_invariants=True)
     history = model.fit(x, y, batch_size=20, epochs=2, callbacks=[rigl, recorder], verbose=0)
     after = masks(model)
-    assert {n: int(m.sum()) for n, m in after.items()} == expected
+    assert counts(model) == expected
     assert any(not np.array_equal(before[n], after[n]) for n in before)
     updates = [logs for logs in batch_logs if "connections_changed" in logs]
     assert len(updates) == 5  # steps 5..25 < T_end = 0.75 * 40 = 30
     assert sum(u["connections_changed"] for u in updates) == sum(history.history["connections_changed"])
+    assert sum(history.history["connections_changed"]) > 0
     assert history.history["mask_updates"] == [4, 1]
     for step, logs in zip(range(5, 30, 5), updates):
         assert logs["drop_fraction"] == pytest.approx(0.3 / 2 * (1 + math.cos(math.pi * step / 30)))
     rk.check_sparsity(model, expected)
 
 
-@pytest.mark.parametrize("optimizer", [lambda: keras.optimizers.SGD(0.05, momentum=0.9), lambda: keras.optimizers.Adam(1e-3)])
-def test_optimizer_state_stays_zero_outside_the_mask_during_fit(optimizer):
+@pytest.mark.parametrize(
+    "optimizer",
+    [lambda: keras.optimizers.SGD(0.05, momentum=0.9), lambda: keras.optimizers.Adam(1e-3),
+     lambda: keras.optimizers.Adagrad(0.05)],
+    ids=["sgd", "adam", "adagrad"],
+)
+def test_optimizer_state_stays_initial_outside_the_mask_during_fit(optimizer):
     x, y = classification_data(200)
     model = rk.sparsify(mlp(), 0.9, "erk")
     model.compile(optimizer(), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=20, epochs=2, verbose=0,
-              callbacks=[rk.RigLCallback(delta_t=3, alpha=0.5, grow_data=(x, y), check_invariants=True)])
+    history = model.fit(x, y, batch_size=20, epochs=2, verbose=0,
+                        callbacks=[rk.RigLCallback(delta_t=3, alpha=0.5, check_invariants=True)])
+    assert sum(history.history["connections_changed"]) > 0
     rk.check_sparsity(model)
 
 
-def test_steps_per_execution_still_updates():
+class StepRecorder(rk.RigLCallback):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = []
+
+    def update(self, step, logs=None):
+        self.steps.append((step, self.current_step()))
+        return super().update(step, logs)
+
+
+@NO_TORCH
+def test_steps_per_execution_updates_at_multiples_of_delta_t():
     x, y = classification_data(200)
     model = rk.sparsify(mlp(), 0.8)
     model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=4)
-    history = model.fit(x, y, batch_size=10, epochs=1, verbose=0,
-                        callbacks=[rk.RigLCallback(delta_t=6, end_step=20, grow_data=(x, y))])
-    assert history.history["mask_updates"] == [3]  # steps 6, 12, 18
+    rigl = StepRecorder(delta_t=8, end_step=20)
+    history = model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[rigl])
+    assert rigl.steps == [(8, 8), (16, 16)]
+    assert history.history["mask_updates"] == [2]
+    assert history.history["connections_changed"][0] > 0
+
+
+@NO_TORCH
+def test_delta_t_not_a_multiple_of_steps_per_execution_fails_before_any_step():
+    x, y = classification_data(200)
+    model = rk.sparsify(mlp(), 0.8)
+    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=4)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[rk.RigLCallback(delta_t=10)])
+    assert int(numpy(model.optimizer.iterations)) == 0
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_schedule_follows_the_optimizer_step_not_the_batch_index():
@@ -102,18 +224,75 @@ def test_schedule_follows_the_optimizer_step_not_the_batch_index():
     model.optimizer.build(model.trainable_variables)
     model.optimizer.iterations.assign(95)
     history = model.fit(x, y, batch_size=10, epochs=1, verbose=0,
-                        callbacks=[rk.RigLCallback(delta_t=100, end_step=1000, grow_data=(x, y))])
+                        callbacks=[rk.RigLCallback(delta_t=100, end_step=1000)])
     assert history.history["mask_updates"] == [1]  # step 100 only
 
 
-@pytest.mark.parametrize("source", ["dataset", "generator"])
+def test_repeated_fit_calls_each_update_with_a_fractional_end_step():
+    x, y = classification_data(200)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    rigl = StepRecorder(delta_t=2, alpha=0.3, end_step=0.8)  # 10 steps per fit: T_end = first + 8
+    fractions = []
+    for _ in range(3):
+        logs = []
+        recorder = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs=None, out=logs: out.append(dict(logs)))
+        history = model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl, recorder])
+        assert history.history["mask_updates"] == [3]
+        fractions.append([l["drop_fraction"] for l in logs if "drop_fraction" in l])
+    assert [s for s, _ in rigl.steps] == [2, 4, 6, 12, 14, 16, 22, 24, 26]
+    # Each fit runs its own cosine from its first step.
+    expected = [0.3 / 2 * (1 + math.cos(math.pi * t / 8)) for t in (2, 4, 6)]
+    for f in fractions:
+        assert f == pytest.approx(expected)
+
+
+def test_repeated_fit_calls_with_an_int_end_step_share_one_absolute_schedule():
+    x, y = classification_data(200)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    rigl = StepRecorder(delta_t=3, end_step=15)  # absolute: updates at 3, 6, 9, 12
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl])
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl])
+    with pytest.warns(RuntimeWarning, match="no connectivity update"):
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl])
+    assert [s for s, _ in rigl.steps] == [3, 6, 9, 12]
+
+
+def test_a_fit_without_any_possible_update_warns():
+    x, y = classification_data(100)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    before = masks(model)
+    with pytest.warns(RuntimeWarning, match="no connectivity update"):
+        history = model.fit(x, y, batch_size=10, epochs=1, verbose=0,
+                            callbacks=[rk.RigLCallback(delta_t=50, end_step=1000)])
+    assert history.history["mask_updates"] == [0]
+    assert all(np.array_equal(before[n], masks(model)[n]) for n in before)
+
+
+def test_a_fit_with_updates_does_not_warn():
+    x, y = classification_data(100)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[rk.RigLCallback(delta_t=5)])
+
+
+def _batches(x, y, size):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize("source", ["tuple", pytest.param("dataset", marks=TF_ONLY), "iterable"])
 def test_grow_data_sources(source):
     x, y = classification_data(100)
     if source == "dataset":
+        import tensorflow as tf
+
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(25)
+    elif source == "tuple":
+        data = (x, y)
     else:
-        data = [(x[i:i + 25], y[i:i + 25]) for i in range(0, 100, 25)]
-    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+        data = _batches(x, y, 25)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8, capture_gradients=False))
+    assert all(w.gradient is None for w in rk.masked_weights(model))
     history = model.fit(x, y, batch_size=10, epochs=1, verbose=0,
                         callbacks=[rk.RigLCallback(delta_t=2, grow_data=data)])
     assert history.history["connections_changed"][0] > 0
@@ -141,7 +320,9 @@ def test_array_batches_are_keyed_to_the_step():
         (dict(decay="linear"), "decay"),
         (dict(seed="x"), "seed"),
         (dict(grow_data=42), "grow_data"),
+        (dict(grow_data=[np.zeros((1, 2)), np.zeros(1)]), "tuple"),
         (dict(grow_data=(np.zeros((1, 2)), np.zeros(1)), grow_batch_size=0), "grow_batch_size"),
+        (dict(grow_batch_size=0), "grow_batch_size"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -149,30 +330,33 @@ def test_bad_arguments(kwargs, match):
         rk.RigLCallback(**kwargs)
 
 
-def test_model_without_masked_layers_is_rejected_and_untouched():
+def test_model_without_masked_weights_is_rejected_and_untouched():
     x, y = classification_data(50)
     model = compile_sgd(mlp())
     before = [w.copy() for w in model.get_weights()]
-    with pytest.raises(ValueError, match="no masked layer"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[rk.RigLCallback(grow_data=(x, y))])
+    with pytest.raises(ValueError, match="no masked weight"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[rk.RigLCallback()])
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
 
 
-def test_missing_grow_data_is_rejected_at_train_begin():
+def test_no_captured_gradient_and_no_grow_data_is_rejected_at_train_begin():
     x, y = classification_data(50)
-    model = compile_sgd(rk.sparsify(mlp(), 0.5))
-    with pytest.raises(ValueError, match="grow_data"):
+    model = compile_sgd(rk.sparsify(mlp(), 0.5, capture_gradients=False))
+    with pytest.raises(ValueError, match="capture_gradients=True, or pass grow_data"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[rk.RigLCallback()])
+    assert int(numpy(model.optimizer.iterations)) == 0
 
 
 def test_fractional_end_step_needs_known_length():
     x, y = classification_data(50)
     model = compile_sgd(rk.sparsify(mlp(), 0.5))
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(10).repeat().take(5)
-    data = data.filter(lambda a, b: True)  # length unknown
+
+    def unknown_length():  # a generator: Keras cannot know the number of steps
+        yield from _batches(x, y, 10)
+
     with pytest.raises(ValueError, match="end_step"):
-        model.fit(data, epochs=1, verbose=0, callbacks=[rk.RigLCallback(grow_data=(x, y))])
+        model.fit(unknown_length(), epochs=1, verbose=0, callbacks=[rk.RigLCallback()])
 
 
 def test_config_round_trip():
