@@ -19,6 +19,7 @@ __all__ = [
     "apply_mask",
     "masked_value",
     "captured_gradient",
+    "moving_averages",
     "dense_gradients",
     "gradient_function",
     "creation_scope",
@@ -79,6 +80,49 @@ def captured_gradient(variable):
                 parts = strategy.experimental_local_results(inner)
                 return tf.add_n([tf.convert_to_tensor(p) for p in parts])
     return ops.stop_gradient(variable.value)
+
+
+def _moving_averages(momenta, grads, beta):
+    out = []
+    for m, g in zip(momenta, grads):
+        g = ops.cast(g, "float32")
+        # A non-finite gradient is skipped for this step, never stored.
+        out.append(ops.where(ops.all(ops.isfinite(g)), beta * m + (1.0 - beta) * g, m))
+    return out
+
+
+_COMPILED_AVERAGES: dict = {}
+
+
+def moving_averages(momenta, grads, beta: float) -> list:
+    """β·m + (1 − β)·g for each pair, skipping (keeping m) where g is not finite.
+
+    Compiled once on TensorFlow and JAX (SNFS runs it after every step).
+
+    Args:
+      momenta: the moving-average variables.
+      grads: one gradient tensor per variable.
+      beta: the decay β.
+
+    Returns:
+      The new values, one tensor per variable.
+    """
+    name = keras.backend.backend()
+    values = [ops.stop_gradient(_value(m)) for m in momenta]
+    function = _COMPILED_AVERAGES.get(name)
+    if function is None:
+        if name == "tensorflow":
+            import tensorflow as tf
+
+            function = tf.function(_moving_averages)
+        elif name == "jax":
+            import jax
+
+            function = jax.jit(_moving_averages)
+        else:
+            function = _moving_averages
+        _COMPILED_AVERAGES[name] = function
+    return function(values, list(grads), ops.convert_to_tensor(beta, "float32"))
 
 
 def _substituted_values(model, weights, effective):

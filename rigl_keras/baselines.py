@@ -95,8 +95,9 @@ class SETCallback(DynamicSparseCallback):
                          seed=seed, check_invariants=check_invariants)
 
     def grow_scores(self, step):
+        # NumPy draws: cheap, and the same on every backend.
         return [
-            keras.random.uniform(w.shape, seed=self.layer_seed(step, i))
+            np.random.default_rng(self.layer_seed(step, i)).random(w.shape, dtype=np.float32)
             for i, w in enumerate(self.masked_weights)
         ]
 
@@ -174,14 +175,13 @@ class SNFSCallback(RigLCallback):
         return step + 1  # the momentum moves after every step
 
     def after_step(self, previous, step, logs):
-        grads = self.source.gradients(self.model, self.masked_weights, step)
-        beta = self.momentum
-        for w, grad in zip(self.masked_weights, grads):
-            grad = ops.cast(grad, "float32")
-            if not bool(ops.all(ops.isfinite(grad))):
-                continue  # a non-finite batch is skipped, never stored
-            m = w.momentum
-            m.assign(beta * m.value + (1.0 - beta) * grad)
+        weights = self.masked_weights
+        grads = self.source.gradients(self.model, weights, step)
+        momenta = gradients_backend.moving_averages(
+            [w.momentum for w in weights], grads, self.momentum
+        )
+        for w, m in zip(weights, momenta):
+            w.momentum.assign(m)
         super().after_step(previous, step, logs)
 
     def grow_scores(self, step):

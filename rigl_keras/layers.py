@@ -1,7 +1,9 @@
 """Masked weights: one mechanism that masks any named weight of any Keras layer.
 
-A *masked weight* is a layer's stored variable plus a compact 0/1 ``mask``
-(uint8) of the same shape and, optionally, a gradient-capture variable ``G``.
+A *masked weight* is a layer's stored variable plus a 0/1 ``mask`` of the
+same shape and dtype (a same-dtype mask is applied with one multiply, no
+cast; on disk it is stored as packed bits) and, optionally, a
+gradient-capture variable ``G``.
 The layer reads the weight through a property that returns::
 
     W_eff = where(mask, W, 0) + (G − stop_gradient(G))
@@ -58,7 +60,8 @@ __all__ = [
     "select_weights",
 ]
 
-#: dtype of stored masks: one byte per weight (a float mask doubled file sizes).
+#: dtype of masks in `.keras` files before bit packing, and of masks set by
+#: `set_random_masks`; in memory a mask has its weight's dtype.
 MASK_DTYPE = "uint8"
 
 _LAYERS = keras.layers
@@ -191,7 +194,7 @@ class MaskedWeight:
 
     @property
     def mask(self) -> keras.Variable:
-        """The uint8 0/1 mask variable."""
+        """The 0/1 mask variable (of the weight's dtype)."""
         return self.layer._rk_masks[self.attribute]
 
     @property
@@ -362,7 +365,7 @@ class MaskedWeightsMixin:
         for attribute, mask in self._rk_masks.items():
             size = int(np.prod(mask.shape))
             bits = np.unpackbits(np.asarray(store[index[id(mask)]], dtype=np.uint8))[:size]
-            masks[attribute] = bits.reshape(tuple(mask.shape)).astype(MASK_DTYPE)
+            masks[attribute] = bits.reshape(tuple(mask.shape)).astype(mask.dtype)
             mask.assign(masks[attribute])
         weights = {id(_stored(self, a)): a for a in self._rk_masks}
         for variable in variables:
@@ -394,7 +397,7 @@ def _attach(layer, capture: bool) -> None:
             )
         shape = tuple(variable.shape)
         masks[attribute] = _add_untracked_weight(
-            layer, f"{attribute}_mask", shape, "ones", False, MASK_DTYPE
+            layer, f"{attribute}_mask", shape, "ones", False, variable.dtype
         )
         if capture:
             g = _add_untracked_weight(

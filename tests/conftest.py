@@ -60,7 +60,7 @@ def compile_sgd(model, lr=0.05, momentum=0.9):
 
 
 def masks(model) -> dict:
-    """{weight name: uint8 mask array} of every masked weight (see rk.masked_weights)."""
+    """{weight name: mask array} of every masked weight (see rk.masked_weights)."""
     import rigl_keras as rk
 
     return {w.name: keras.ops.convert_to_numpy(w.mask).copy() for w in rk.masked_weights(model)}
