@@ -78,8 +78,8 @@ def main() -> None:
         model = rk.sparsify(build(n), 0.9, "erk")
         model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse")
         rigl = rk.RigLCallback(delta_t=10**9, end_step=10**9 + 1)
-        data = np.zeros((args.batch_size, n), "float32")
-        model.fit(data, data, batch_size=args.batch_size, verbose=0, callbacks=[rigl])
+        data = np.random.default_rng(0).random((args.batch_size, n), dtype="float32")
+        model.fit(data, data[:, ::-1], batch_size=args.batch_size, verbose=0, callbacks=[rigl])
         rigl.update(100)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rigl.update(101)
