@@ -241,6 +241,14 @@ def set_random_masks(
             dense_layers=dense_layers, erk_power_scale=erk_power_scale,
             sparse_embeddings=sparse_embeddings,
         )
+    empty = [w.name for w in weights if distributions.active_count(w.size, sparsities.get(w.name, 0.0)) == 0]
+    if empty:
+        warnings.warn(
+            f"rigl_keras: these masked weights get no active entry at all and cut their "
+            f"layer's signal: {empty}. Lower the sparsity or keep them dense.",
+            UserWarning,
+            stacklevel=2,
+        )
     for index, w in enumerate(weights):
         s = sparsities.get(w.name, 0.0)
         mask = random_mask(w.shape, distributions.active_count(w.size, s),

@@ -158,3 +158,12 @@ def test_subclassed_model_is_rejected_clearly():
     # rejected with a pointer to the masked layers.
     with pytest.raises(ValueError, match="Cannot copy model 'net'.*masked layers"):
         rk.sparsify(net, 0.5)
+
+
+def test_no_weight_is_silently_emptied():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="a"), keras.layers.Dense(2, name="b")])
+    # N − ⌊s·N⌋ keeps at least one entry for any s < 1 (0.1's round((1 − s)·N) gave 0).
+    sparse = rk.sparsify(model, 0.9999, "erk")
+    assert all(r.active >= 1 for r in rk.sparsity_report(sparse))
+    with pytest.warns(UserWarning, match="no active entry"):
+        rk.sparsify(model, 0.5, "erk", custom_sparsity={"b": 1.0})
