@@ -32,7 +32,7 @@ demo: install data
 test: install-test data text-data
 	@set -e; for backend in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$backend"; \
-	  KERAS_BACKEND=$$backend $(PYTHON) -m pytest -q; \
+	  KERAS_BACKEND=$$backend $(PYTHON) -m pytest -q --durations=10; \
 	done
 
 bench: install
