@@ -17,7 +17,6 @@ method by name, for example scripts and sweeps.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 
 import keras

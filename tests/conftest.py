@@ -64,3 +64,17 @@ def masks(model) -> dict:
     import rigl_keras as rk
 
     return {w.name: keras.ops.convert_to_numpy(w.mask).copy() for w in rk.masked_weights(model)}
+
+
+def counts(model) -> dict:
+    """{weight name: active count} of every masked weight."""
+    return {name: int(m.sum()) for name, m in masks(model).items()}
+
+
+def attach(callback, model, steps=100, epochs=1):
+    """Starts `callback` on `model` outside `fit`, as at the first epoch of a fit of `steps` × `epochs`."""
+    callback.set_model(model)
+    callback.set_params({"steps": steps, "epochs": epochs, "verbose": 0})
+    callback.on_train_begin()
+    callback.on_epoch_begin(0)
+    return callback

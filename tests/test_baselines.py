@@ -15,15 +15,11 @@ import rigl_keras as rk
 from rigl_keras import baselines
 from rigl_keras.distributions import active_count
 
-from conftest import classification_data, compile_sgd, masks, mlp
+from conftest import attach, classification_data, compile_sgd, counts, masks, mlp
 
 
 def numpy(x):
     return np.array(keras.ops.convert_to_numpy(x))
-
-
-def counts(model):
-    return {name: int(m.sum()) for name, m in masks(model).items()}
 
 
 def fit(model, callbacks, x, y, epochs=1, batch_size=20, each_batch=None):
@@ -35,14 +31,6 @@ def fit(model, callbacks, x, y, epochs=1, batch_size=20, each_batch=None):
 
         extra = [EachBatch()]
     return model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=callbacks + extra)
-
-
-def attach(callback, model, steps=100, epochs=1):
-    callback.set_model(model)
-    callback.set_params({"steps": steps, "epochs": epochs, "verbose": 0})
-    callback.on_train_begin()
-    callback.on_epoch_begin(0)
-    return callback
 
 
 def weight(model, name):

@@ -12,7 +12,7 @@ import pytest
 
 import rigl_keras as rk
 
-from conftest import classification_data, compile_sgd, masks, mlp
+from conftest import attach, classification_data, compile_sgd, counts, masks, mlp
 
 TF_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                              reason="tf.data.Dataset is a TensorFlow-backend input")
@@ -22,18 +22,6 @@ NO_TORCH = pytest.mark.skipif(keras.backend.backend() == "torch",
 
 def numpy(x):
     return np.array(keras.ops.convert_to_numpy(x))
-
-
-def counts(model):
-    return {name: int(m.sum()) for name, m in masks(model).items()}
-
-
-def attach(callback, model, steps=100, epochs=1):
-    callback.set_model(model)
-    callback.set_params({"steps": steps, "epochs": epochs, "verbose": 0})
-    callback.on_train_begin()
-    callback.on_epoch_begin(0)
-    return callback
 
 
 def expected_rigl_mask(mask, kernel, grow_score, k):

@@ -4,7 +4,6 @@ selectors, invariants for any shape."""
 import math
 
 import keras
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -1,6 +1,5 @@
 """The drop/grow engine on hand-computed cases, ties, optimizer state, any shape."""
 
-import warnings
 
 import keras
 import numpy as np
@@ -20,6 +19,29 @@ def np_masks(mask, weights, grow, n_drop, n_grow=None):
         np.asarray(grow, "float32"), n_drop, n_grow,
     )
     return keras.ops.convert_to_numpy(new), keras.ops.convert_to_numpy(keep)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    density=st.floats(0.0, 1.0),
+    fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_keeps_exact_count(shape, density, fraction, seed):
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    mask = random_mask(shape, int(round(density * size)), rng)
+    weights = rng.normal(size=shape) * mask
+    n_drop = int(fraction * mask.sum())
+    new, keep = np_masks(mask, weights, rng.random(shape), n_drop)
+    assert new.shape == tuple(shape)
+    assert new.sum() == mask.sum()
+    assert keep.sum() == mask.sum() - n_drop
+    assert np.all(mask[keep] == 1)  # kept positions were active
+    kept_min = np.abs(weights[keep]).min() if keep.any() else np.inf
+    dropped = (mask == 1) & ~keep
+    assert not dropped.any() or np.abs(weights[dropped]).max() <= kept_min
 
 
 def test_hand_computed_drop_and_grow():
