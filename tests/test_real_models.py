@@ -87,7 +87,15 @@ def _trainable(sparse, x):
     if not isinstance(x, dict):
         return sparse
     inputs = {k: keras.Input(v.shape[1:], dtype="int32", name=k) for k, v in x.items()}
-    return _classifier(sparse, inputs, lambda out: keras.ops.mean(out["sequence_output"], axis=1))
+    def features(out):  # every output in use, so every weight gets a gradient
+        if not isinstance(out, dict):  # GPT-2: the sequence output alone
+            return keras.ops.mean(out, axis=1)
+        parts = [keras.ops.mean(out["sequence_output"], axis=1)]
+        if "pooled_output" in out:
+            parts.append(out["pooled_output"])
+        return keras.ops.concatenate(parts, axis=-1)
+
+    return _classifier(sparse, inputs, features)
 
 
 def _predict(model, x):
