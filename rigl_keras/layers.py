@@ -56,7 +56,6 @@ __all__ = [
     "maskable_weights",
     "unmaskable_weights",
     "iter_layers",
-    "WeightSelector",
     "select_weights",
 ]
 
@@ -645,11 +644,6 @@ def unmaskable_weights(model) -> list[tuple[keras.layers.Layer, keras.Variable, 
 # Choosing weights: by name, pattern or class
 # ---------------------------------------------------------------------------
 
-#: A weight selector: a weight name, a layer name, a glob pattern over
-#: weight names ("*attention*"), or a layer class (matches any layer on the
-#: weight's chain that is an instance of it, e.g. keras.layers.Embedding).
-WeightSelector = "str | type"
-
 
 def _matches(selector, weight: MaskedWeight) -> bool:
     if isinstance(selector, type):
@@ -660,7 +654,13 @@ def _matches(selector, weight: MaskedWeight) -> bool:
 
 
 def select_weights(selector, weights: Iterable[MaskedWeight]) -> list[MaskedWeight]:
-    """The weights a selector picks (see `WeightSelector`)."""
+    """The weights a selector picks.
+
+    A selector is a weight name, a layer name (all weights of that layer and
+    its sublayers), a glob pattern over weight names ("*attention*"), or a
+    layer class (matching any layer on the weight's chain, e.g.
+    keras.layers.Embedding).
+    """
     return [w for w in weights if _matches(selector, w)]
 
 
