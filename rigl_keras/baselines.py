@@ -82,6 +82,9 @@ class SETCallback(DynamicSparseCallback):
       decay: "cosine" or "constant".
       seed: seed of the random growth.
       begin_step: first step at which updates may happen.
+      timing: "keras" (default) or "official": the update follows the batch
+        that starts at t = begin + i·ΔT, 0 <= t <= end (see
+        `DynamicSparseCallback`).
       check_invariants: audit invariants after every update.
 
     Raises:
@@ -89,9 +92,9 @@ class SETCallback(DynamicSparseCallback):
     """
 
     def __init__(self, delta_t=100, alpha=0.3, end_step=0.75, decay="cosine", seed=0,
-                 *, begin_step=0, check_invariants=False):
+                 *, begin_step=0, timing="keras", check_invariants=False):
         super().__init__(delta_t, alpha, end_step, decay, begin_step=begin_step,
-                         seed=seed, check_invariants=check_invariants)
+                         timing=timing, seed=seed, check_invariants=check_invariants)
 
     def grow_scores(self, step):
         # NumPy draws: cheap, and the same on every backend.
@@ -133,6 +136,9 @@ class SNFSCallback(RigLCallback):
       seed: seed of the batch draws.
       grow_batch_size: rows drawn per step from an array tuple.
       begin_step: first step at which updates may happen.
+      timing: "keras" (default) or "official": the update follows the batch
+        that starts at t = begin + i·ΔT, 0 <= t <= end; unlike RigL's, that
+        batch trains, as in the official SNFS (see `DynamicSparseCallback`).
       check_invariants: audit invariants after every update.
 
     Raises:
@@ -141,12 +147,14 @@ class SNFSCallback(RigLCallback):
         `steps_per_execution` > 1 with captured gradients.
     """
 
+    official_skips_step = False
+
     def __init__(self, delta_t=100, alpha=0.3, end_step=0.75, decay="cosine",
                  momentum=0.9, grow_data=None, redistribute=False, seed=0, *,
-                 grow_batch_size=128, begin_step=0, check_invariants=False):
+                 grow_batch_size=128, begin_step=0, timing="keras", check_invariants=False):
         super().__init__(delta_t, alpha, end_step, decay, grow_data, seed,
                          grow_batch_size=grow_batch_size, begin_step=begin_step,
-                         check_invariants=check_invariants)
+                         timing=timing, check_invariants=check_invariants)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
         self.momentum = float(momentum)
@@ -574,6 +582,7 @@ class Method:
         alpha: float = 0.3,
         end_step: int | float = 0.75,
         decay: str = "cosine",
+        timing: str = "keras",
         grow_data=None,
         prune_begin_step: int | float = 0.0,
         prune_end_step: int | float = 0.75,
@@ -588,7 +597,8 @@ class Method:
             sparse-from-scratch methods and, for pruning, S on every weight
             (the official pruning runs).
           seed: seed of masks and of the method's randomness.
-          delta_t, alpha, end_step, decay: the drop/grow schedule.
+          delta_t, alpha, end_step, decay, timing: the drop/grow schedule
+            (see `rigl_keras.UpdateSchedule`).
           grow_data: None (gradients of the training batches) or training
             data for RigL, SNFS and SNIP (see `RigLCallback`).
           prune_begin_step, prune_end_step, prune_frequency: the pruning
@@ -601,7 +611,8 @@ class Method:
           ValueError: for bad arguments.
         """
         sparsity = distributions.validate_sparsity(sparsity)
-        schedule = dict(delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay, seed=seed)
+        schedule = dict(delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay,
+                        timing=timing, seed=seed)
         if self.name == "dense":
             return build_fn(1.0), []
         if self.name == "small_dense":

@@ -334,6 +334,16 @@ class DynamicSparseCallback(SparseTrainingCallback):
     steps counted from the step the fit starts at, and the cosine decays over
     that span: each `fit` call then runs a schedule of its own.
 
+    `timing="official"` follows google-research/rigl instead: the batch that
+    starts at step t = begin + i·ΔT, 0 <= t <= T_end (int), is an update
+    batch; it trains as usual and the update follows it (SET, SNFS), or, for
+    methods with `official_skips_step` (RigL), it only supplies the growth
+    gradient: the model's trainable weights and the optimizer state are put
+    back as they were before that batch, so its optimizer step is skipped.
+    The step counter still counts the batch (the official global step does
+    not), which keeps learning-rate schedules and resume keyed to batches.
+    It needs `steps_per_execution=1`.
+
     Args:
       delta_t: steps between updates (ΔT), >= 1.
       alpha: initial update fraction, in (0, 1].
@@ -341,12 +351,18 @@ class DynamicSparseCallback(SparseTrainingCallback):
         giving a fraction of the fit's total steps.
       decay: "cosine" or "constant".
       begin_step: first step at which updates may happen.
+      timing: "keras" (default) or "official" (above).
       seed: seed of everything random the method does.
       check_invariants: audit invariants after every update.
 
     Raises:
-      ValueError: for an argument out of range (see `UpdateSchedule`).
+      ValueError: for an argument out of range (see `UpdateSchedule`), or
+        (at train begin) a `steps_per_execution` that does not fit the timing.
     """
+
+    #: Under the official timing, whether an update batch only supplies the
+    #: growth gradient (its optimizer step undone), as official RigL does.
+    official_skips_step = False
 
     def __init__(
         self,
@@ -356,14 +372,17 @@ class DynamicSparseCallback(SparseTrainingCallback):
         decay: str = "cosine",
         *,
         begin_step: int = 0,
+        timing: str = "keras",
         seed: int = 0,
         check_invariants: bool = False,
     ):
         super().__init__(seed=seed, check_invariants=check_invariants)
         self.schedule = schedules.UpdateSchedule(
-            delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay, begin_step=begin_step
+            delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay,
+            begin_step=begin_step, timing=timing,
         )
         self._end = None
+        self._snapshot = None
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -373,11 +392,22 @@ class DynamicSparseCallback(SparseTrainingCallback):
             end_step=self.schedule.end_step,
             decay=self.schedule.decay,
             begin_step=self.schedule.begin_step,
+            timing=self.schedule.timing,
         )
         return config
 
     def setup(self):
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if spe > 1 and self.schedule.official:
+            raise ValueError(
+                f"{type(self).__name__}: timing='official' updates around single batches "
+                f"and needs steps_per_execution=1; the model has {spe}."
+            )
+        optimizer = self.model.optimizer
+        if self.official_skips_step and self.schedule.official and not optimizer.built:
+            # The state kept before an update batch must include the slots.
+            with gradients_backend.creation_scope(self.model):
+                optimizer.build(self.model.trainable_variables)
         if spe > 1 and self.schedule.delta_t % spe:
             raise ValueError(
                 f"{type(self).__name__}: delta_t={self.schedule.delta_t} is not a multiple of "
@@ -385,6 +415,7 @@ class DynamicSparseCallback(SparseTrainingCallback):
                 "execution boundaries. Choose delta_t as a multiple of steps_per_execution."
             )
         self._end = None
+        self._snapshot = None
 
     def schedule_ready(self):
         total = self.total_steps
@@ -392,7 +423,7 @@ class DynamicSparseCallback(SparseTrainingCallback):
             self._end = self._origin + self.schedule.end(total)
         else:
             self._end = self.schedule.end(total)
-        first = self.schedule.next_update_step(self._last_step, self._end)
+        first = self.next_event(self._last_step)
         if first is None or (total is not None and first > self._origin + total):
             warnings.warn(
                 f"{type(self).__name__}: no connectivity update will happen in this fit "
@@ -414,12 +445,51 @@ class DynamicSparseCallback(SparseTrainingCallback):
     def next_event(self, step):
         if self._end is None:
             return None
+        if self.schedule.official:
+            # The update batch starts at t, so its event is at t + 1.
+            start = self.schedule.next_update_step(step - 1, self._end)
+            return None if start is None else start + 1
         return self.schedule.next_update_step(step, self._end)
 
     def after_step(self, previous, step, logs):
+        if self.schedule.official:
+            start = step - 1  # steps_per_execution is 1
+            if start >= previous and self.schedule.is_update_step(start, self._end):
+                self.update(start, logs)
+            return
         update_step = self.schedule.last_update_step(previous, step, self._end)
         if update_step is not None:
             self.update(update_step, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Official RigL timing: keep the state from before an update batch so
+        # that the batch's optimizer step can be undone once its gradient is
+        # read. The step is read (a device sync) only when one may be due.
+        if not (self.official_skips_step and self.schedule.official) or self._end is None:
+            return
+        due = self.schedule.next_update_step(self._last_step - 1, self._end)
+        if due is None or self._last_step + self._unread < due:
+            return
+        step = self.current_step()
+        if step == due:
+            self._snapshot = (step, self._training_state())
+
+    def _training_state(self) -> list:
+        """(variable, copy) for every weight and optimizer variable but the step counters."""
+        optimizer = self.model.optimizer
+        skip = {id(w.gradient) for w in self._weights if w.gradient is not None}
+        skip.add(id(optimizer.iterations))
+        inner = getattr(optimizer, "inner_optimizer", None)
+        if inner is not None:
+            skip.add(id(inner.iterations))
+        variables = list(self.model.trainable_variables) + list(optimizer.variables)
+        return [(v, ops.copy(v.value)) for v in variables if id(v) not in skip]
+
+    def _undo_update_batch(self, step: int) -> None:
+        if self._snapshot is not None and self._snapshot[0] == step:
+            for variable, value in self._snapshot[1]:
+                variable.assign(value)
+        self._snapshot = None
 
     def update(self, step: int, logs: dict | None = None) -> list:
         """Runs one drop/grow update as at optimizer step `step`.
@@ -430,7 +500,11 @@ class DynamicSparseCallback(SparseTrainingCallback):
         if self._end is None:  # called outside fit
             self._end = self.schedule.end(self.total_steps or step + 1)
         fraction = self.drop_fraction(step)
-        scores = self.grow_scores(step)
+        source = getattr(self, "source", None)
+        if source is not None and not source.captured:
+            self._undo_update_batch(step)  # grow from the weights before the batch
+        scores = self.grow_scores(step)  # the captured gradient is not part of the undo
+        self._undo_update_batch(step)
         optimizer = self.model.optimizer
         results = [
             engine.drop_grow(
@@ -524,7 +598,8 @@ class RigLCallback(DynamicSparseCallback):
     instead and costs one extra forward and backward pass (close to the
     official TF2 port, which draws one fixed batch of 1000 examples once).
     Newly grown weights start at 0 with initial optimizer state; a
-    connection dropped and grown back keeps both.
+    connection dropped and grown back keeps both. With `timing="official"`
+    the update batch's optimizer step is skipped (see `DynamicSparseCallback`).
 
     Logs: on update batches, `drop_fraction` and `connections_changed`; at
     epoch end, the epoch's `connections_changed` total, `mask_updates` and the
@@ -542,14 +617,17 @@ class RigLCallback(DynamicSparseCallback):
       seed: seed of the batch draws.
       grow_batch_size: rows drawn per update from an array tuple.
       begin_step: first step at which updates may happen.
+      timing: "keras" (default) or "official" (see `DynamicSparseCallback`).
       check_invariants: audit invariants after every update.
 
     Raises:
       ValueError: for an argument out of range, `grow_data` of the wrong kind,
         or (at train begin) no masked weight, weights without gradient
         capture and no `grow_data`, or a `steps_per_execution` that does not
-        divide `delta_t`.
+        divide `delta_t` (or is not 1 under the official timing).
     """
+
+    official_skips_step = True
 
     def __init__(
         self,
@@ -562,11 +640,12 @@ class RigLCallback(DynamicSparseCallback):
         *,
         grow_batch_size: int = 128,
         begin_step: int = 0,
+        timing: str = "keras",
         check_invariants: bool = False,
     ):
         super().__init__(
-            delta_t, alpha, end_step, decay,
-            begin_step=begin_step, seed=seed, check_invariants=check_invariants,
+            delta_t, alpha, end_step, decay, begin_step=begin_step, timing=timing,
+            seed=seed, check_invariants=check_invariants,
         )
         self.source = GradientSource(grow_data, grow_batch_size, seed)
         self.grow_batch_size = self.source.grow_batch_size

@@ -13,10 +13,12 @@ import math
 
 import numpy as np
 
-__all__ = ["DECAYS", "UpdateSchedule", "PolynomialSchedule"]
+__all__ = ["DECAYS", "TIMINGS", "UpdateSchedule", "PolynomialSchedule"]
 
 #: Names accepted for `decay` (f_decay of the paper).
 DECAYS = ("cosine", "constant")
+#: Names accepted for `timing` (see `UpdateSchedule`).
+TIMINGS = ("keras", "official")
 
 
 def _is_int(value) -> bool:
@@ -50,6 +52,16 @@ def resolve_step(value, total_steps: int | None, name: str) -> int:
 class UpdateSchedule:
     """The drop/grow schedule: every `delta_t` steps from `begin_step` until `end_step`.
 
+    Two timings are offered. "keras" (the default): an update follows the
+    optimizer step that brings the step count to t, for t mod ΔT = 0 and
+    0 < t < T_end, with f_decay evaluated at t measured from the schedule's
+    origin. "official" (google-research/rigl's `SparseSETOptimizerBase`): the
+    batch that starts at step t is an update batch for t = begin + i·ΔT,
+    0 <= t <= T_end (step 0 and the end step included), T_end is an absolute
+    int step, and f_decay is the cosine over [0, T_end − begin] evaluated at
+    the absolute step t. Whether the update batch also trains (SET, SNFS) or
+    only supplies the growth gradient (RigL) is the callback's business.
+
     Attributes:
       delta_t: steps between connectivity updates (ΔT), >= 1.
       alpha: initial fraction of active connections updated, in (0, 1].
@@ -57,6 +69,8 @@ class UpdateSchedule:
         a float in (0, 1] giving a fraction of the fit's total steps.
       decay: "cosine" (α/2·(1 + cos(π t / T_end))) or "constant" (α).
       begin_step: first step at which updates may happen, >= 0.
+      timing: "keras" or "official" (above); "official" needs an int
+        `end_step`, as the official code's is.
     """
 
     delta_t: int = 100
@@ -64,6 +78,7 @@ class UpdateSchedule:
     end_step: int | float = 0.75
     decay: str = "cosine"
     begin_step: int = 0
+    timing: str = "keras"
 
     def __post_init__(self):
         if not _is_int(self.delta_t) or self.delta_t < 1:
@@ -82,13 +97,35 @@ class UpdateSchedule:
             raise ValueError(f"`decay` must be one of {DECAYS}; got {self.decay!r}.")
         if not _is_int(self.begin_step) or self.begin_step < 0:
             raise ValueError(f"`begin_step` must be an int >= 0; got {self.begin_step!r}.")
+        if self.timing not in TIMINGS:
+            raise ValueError(f"`timing` must be one of {TIMINGS}; got {self.timing!r}.")
+        if self.official and not _is_int(self.end_step):
+            raise ValueError(
+                "`timing='official'` takes an int `end_step` (an absolute optimizer step, "
+                f"as in the official code); got {self.end_step!r}."
+            )
+        if self.official and self.end_step < self.begin_step:
+            raise ValueError(
+                f"`end_step` ({self.end_step}) must not precede `begin_step` ({self.begin_step})."
+            )
+
+    @property
+    def official(self) -> bool:
+        """True under the official timing."""
+        return self.timing == "official"
 
     def end(self, total_steps: int | None) -> int:
         """T_end as a step count, given the fit's total number of steps."""
         return resolve_step(self.end_step, total_steps, "end_step")
 
     def is_update_step(self, step: int, end: int) -> bool:
-        """True if connectivity is updated after optimizer step `step` (t mod ΔT = 0, t < T_end)."""
+        """True if `step` is an update step (keras: t mod ΔT = 0, 0 < t < T_end;
+        official: (t − begin) mod ΔT = 0, begin <= t <= T_end)."""
+        if self.official:
+            return (
+                self.begin_step <= step <= end
+                and (step - self.begin_step) % self.delta_t == 0
+            )
         return (
             step > 0
             and step >= self.begin_step
@@ -101,7 +138,7 @@ class UpdateSchedule:
 
         Several optimizer steps can pass between two callback calls
         (`steps_per_execution` > 1); an update that falls inside is done
-        once, at the end of that run of steps.
+        once, at the end of that run of steps. (Keras timing only.)
         """
         candidate = min(last, end - 1)
         candidate -= candidate % self.delta_t
@@ -111,6 +148,10 @@ class UpdateSchedule:
 
     def next_update_step(self, step: int, end: int) -> int | None:
         """The first update step after `step`, or None if there is none before `end`."""
+        if self.official:
+            candidate = max(step + 1, self.begin_step)
+            candidate += -(candidate - self.begin_step) % self.delta_t
+            return candidate if candidate <= end else None
         candidate = max(step + 1, self.begin_step, 1)
         candidate += -candidate % self.delta_t
         return candidate if candidate < end else None
@@ -119,6 +160,9 @@ class UpdateSchedule:
         """f_decay(t): the fraction of each layer's active connections to update."""
         if self.decay.lower() == "constant":
             return float(self.alpha)
+        if self.official:  # TF's cosine_decay(α, t, T_end − begin): clamped, not shifted
+            span = max(end - self.begin_step, 1)
+            return float(self.alpha / 2.0 * (1.0 + math.cos(math.pi * min(step, span) / span)))
         return float(self.alpha / 2.0 * (1.0 + math.cos(math.pi * step / end)))
 
 

@@ -352,3 +352,66 @@ def test_config_round_trip():
     clone = rk.RigLCallback.from_config(callback.get_config())
     assert clone.get_config() == callback.get_config()
     assert clone.schedule == callback.schedule
+
+
+def test_official_timing_updates_from_step_zero_to_the_end_step_inclusive():
+    x, y = classification_data(200)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    rigl = StepRecorder(delta_t=3, alpha=0.3, end_step=9, timing="official")
+    logs = []
+    recorder = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs=None, out=logs: out.append(dict(logs)))
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl, recorder])
+    # The batches starting at steps 0, 3, 6 and 9 are update batches; the
+    # update follows each (the step counter counts the batch).
+    assert rigl.steps == [(0, 1), (3, 4), (6, 7), (9, 10)]
+    fractions = [l["drop_fraction"] for l in logs if "drop_fraction" in l]
+    assert fractions == pytest.approx([0.15 * (1 + math.cos(math.pi * t / 9)) for t in (0, 3, 6, 9)])
+    assert fractions[-1] == pytest.approx(0.0)  # TF's cosine_decay reaches 0 at T_end
+
+
+def test_official_timing_rigl_skips_the_update_batch_and_grows_from_its_gradient():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(8, 5)).astype("float32")
+    y = rng.normal(size=(8, 4)).astype("float32")
+    model, w, mask, kernel = linear_model(rng)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    bias = numpy(model.get_layer("d").bias)
+    grad = x.T @ (2 * (x @ kernel + bias - y) / y.size)  # batch 0 at the initial weights
+    rigl = SnapshotRigL(delta_t=100, alpha=0.5, decay="constant", end_step=1, timing="official")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[rigl])
+    assert [s[0] for s in rigl.snapshots] == [0]
+    expected, _, _ = expected_rigl_mask(mask, kernel, grad, int(mask.sum()) // 2)
+    np.testing.assert_array_equal(numpy(w.mask), expected)
+    # The batch's optimizer step was undone: weights as before it (new
+    # connections at 0), bias untouched, momentum back to 0; the step counter counts it.
+    np.testing.assert_array_equal(numpy(w.variable), np.where((expected != 0) & (mask != 0), kernel, 0))
+    np.testing.assert_array_equal(numpy(model.get_layer("d").bias), bias)
+    assert all(not np.any(numpy(v)) for v in model.optimizer.variables
+               if v is not model.optimizer.iterations and "momentum" in v.path)
+    assert int(numpy(model.optimizer.iterations)) == 1
+
+
+def test_official_timing_set_trains_on_the_update_batch():
+    x, y = classification_data(40)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    bias = numpy(model.get_layer("fc1").bias)
+    set_cb = rk.baselines.SETCallback(delta_t=100, end_step=1, timing="official")
+    history = model.fit(x, y, batch_size=40, epochs=1, verbose=0, callbacks=[set_cb])
+    assert history.history["mask_updates"] == [1]
+    assert np.any(numpy(model.get_layer("fc1").bias) != bias)
+
+
+def test_official_timing_needs_an_int_end_step_and_single_step_executions():
+    with pytest.raises(ValueError, match="int `end_step`"):
+        rk.RigLCallback(timing="official", end_step=0.5)
+    with pytest.raises(ValueError, match="timing"):
+        rk.RigLCallback(timing="tf1", end_step=10)
+    if keras.backend.backend() == "torch":
+        return  # Keras' torch trainer rejects steps_per_execution > 1
+    x, y = classification_data(40)
+    model = rk.sparsify(mlp(), 0.8)
+    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=2)
+    with pytest.raises(ValueError, match="steps_per_execution=1"):
+        model.fit(x, y, batch_size=10, epochs=1, verbose=0,
+                  callbacks=[rk.RigLCallback(delta_t=4, end_step=8, timing="official")])
