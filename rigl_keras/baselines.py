@@ -40,6 +40,7 @@ __all__ = [
     "SNIPCallback",
     "MagnitudePruningCallback",
     "small_dense_width",
+    "SMALL_DENSE_RULES",
     "Method",
     "METHODS",
     "get",
@@ -525,37 +526,101 @@ def _from_tfmot_schedule(schedule):
                 frequency=config["frequency"], exponent=config["power"])
 
 
-def small_dense_width(build_fn: Callable[[float], keras.Model], sparsity: float) -> float:
-    """The width multiplier giving a dense model the parameters of the sparse one.
+#: Rules accepted by `small_dense_width`.
+SMALL_DENSE_RULES = ("params", "storage")
 
-    The sparse model is `build_fn(1.0)` with its maskable weights at overall
-    sparsity `sparsity` (every other parameter kept); the multiplier w is the
-    one for which `build_fn(w).count_params()` is closest to that count
-    (paper's Small-Dense rows).
+
+def small_dense_width(build_fn: Callable[[float], keras.Model], sparsity: float,
+                      rule: str = "params", *, distribution: str | None = None,
+                      custom_sparsity: Mapping | None = None, dense_layers=None,
+                      param_bits: int = 32) -> float:
+    """The width multiplier of a dense model as large as the sparse one (Small-Dense).
+
+    The sparse model is `build_fn(1.0)` with its maskable weights at the
+    per-weight sparsities s_l of `distribution` (None: every maskable weight
+    at `sparsity`), `custom_sparsity` and `dense_layers`, each keeping
+    a_l = N_l − ⌊s_l·N_l⌋ of its N_l entries, every other parameter (biases,
+    ...) kept. The returned multiplier w is the one for which
+    `build_fn(w).count_params()` is closest to the target P*:
+
+    * ``"params"`` (the default): the sparse model's parameter count,
+      P* = P_other + Σ a_l. Masks are not counted.
+    * ``"storage"``: the official ImageNet rule (the Small-Dense widths of
+      google-research/rigl's ResNet-50 / MobileNet colabs, counted with the
+      MicroNet storage counter): equal storage bits, every parameter stored
+      in `param_bits` bits and every sparse weight (s_l > 0) also storing a
+      1-bit mask of N_l entries, so
+      P*·b = (P_other + Σ a_l)·b + Σ_{s_l>0} N_l, i.e.
+      P* = P_other + Σ a_l + Σ_{s_l>0} N_l / b.
+
+    Some official experiments fix the small model's hidden sizes instead
+    (rigl_tf2/mlp_configs/small_dense.gin: LeNet-300-100 at S = 0.98 as
+    hidden sizes (8, 8)); build such a model directly (see
+    `examples/fashion_mnist.py`, `--small_dense_rule=fixed`).
 
     Args:
       build_fn: width multiplier -> built dense Keras model; widths should be
-        rounded inside, e.g. `max(1, round(300 * w))`.
+        rounded inside, e.g. `max(1, round(300 * w))`, and the parameter
+        count should grow with w.
       sparsity: overall sparsity S in [0, 1).
+      rule: "params" or "storage".
+      distribution: None, "uniform", "er" or "erk": the per-weight
+        sparsities of the sparse model (see `sparsity_distribution`).
+      custom_sparsity: {selector: sparsity} overrides, as in `sparsify`.
+      dense_layers: selectors of weights kept dense (no mask bits).
+      param_bits: bits per stored parameter for "storage" (32: float32).
 
     Returns:
-      The multiplier w in (0, 1].
+      The multiplier w > 0: at most 1 for "params"; above 1 for "storage"
+      when the masks make the sparse model larger than the dense one
+      (S < 1/param_bits).
 
     Raises:
-      ValueError: for a sparsity outside [0, 1).
+      ValueError: for a `build_fn` that is not callable, a sparsity outside
+        [0, 1), an unknown `rule` or `distribution`, a `param_bits` that is
+        not a positive int, or selectors that match no maskable weight.
     """
+    if not callable(build_fn):
+        raise ValueError(f"`build_fn` must be callable (width -> model); got {build_fn!r}.")
     sparsity = distributions.validate_sparsity(sparsity)
+    if not isinstance(rule, str) or rule not in SMALL_DENSE_RULES:
+        raise ValueError(f"`rule` must be one of {SMALL_DENSE_RULES}; got {rule!r}.")
+    if isinstance(param_bits, bool) or not isinstance(param_bits, (int, np.integer)) or param_bits < 1:
+        raise ValueError(f"`param_bits` must be a positive int; got {param_bits!r}.")
+    if distribution is not None and (
+            not isinstance(distribution, str) or distribution.lower() not in distributions.DISTRIBUTIONS):
+        raise ValueError(
+            f"`distribution` must be None or one of {distributions.DISTRIBUTIONS}; "
+            f"got {distribution!r}.")
     reference = build_fn(1.0)
-    kernels = sum(w.size for w in distributions.plan(reference)[0])
-    target = reference.count_params() - kernels + (1.0 - sparsity) * kernels
+    weights, custom, dense = distributions.plan(
+        reference, custom_sparsity=custom_sparsity, dense_layers=dense_layers)
+    if distribution is None:
+        per_weight = {w.name: custom.get(w.name, 0.0 if w.name in dense else sparsity)
+                      for w in weights}
+    else:
+        per_weight = distributions.sparsity_distribution(
+            reference, sparsity, distribution, custom_sparsity=custom_sparsity,
+            dense_layers=dense_layers)
+    kernels = sum(w.size for w in weights)
+    active = sum(distributions.active_count(w.size, per_weight[w.name]) for w in weights)
+    target = float(reference.count_params() - kernels + active)
+    if rule == "storage":
+        target += sum(w.size for w in weights if per_weight[w.name] > 0) / float(param_bits)
+
+    def count(width):
+        return build_fn(width).count_params()
+
     low, high = 1e-4, 1.0
+    while count(high) < target and high < 2.0 ** 20:  # storage rule, S < 1/param_bits
+        low, high = high, 2.0 * high
     for _ in range(40):  # parameter count grows with width: bisect
         middle = (low + high) / 2
-        if build_fn(middle).count_params() < target:
+        if count(middle) < target:
             low = middle
         else:
             high = middle
-    return min((low, high), key=lambda w: abs(build_fn(w).count_params() - target))
+    return min((low, high), key=lambda w: abs(count(w) - target))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ comes closest.)
 from __future__ import annotations
 
 import collections.abc
+import types
 import warnings
 
 import keras
@@ -71,13 +72,50 @@ def _rows(array) -> int:
     return int(shape[0])
 
 
+def restore_invariants(model) -> None:
+    """Puts every weight and optimizer state entry outside its mask back to its initial value.
+
+    Called after anything that replaces a masked model's weights without its
+    optimizer state, such as `EarlyStopping(restore_best_weights=True)`:
+    masks and weights then come from an earlier epoch and the momentum from
+    the last one.
+
+    Args:
+      model: a model with masked weights.
+    """
+    weights = masked_layers.masked_weights(model)
+    optimizer = getattr(model, "optimizer", None)
+    slots = engine.optimizer_state_by_variable(optimizer, model.trainable_variables)
+    for w in weights:
+        keep = ops.not_equal(ops.convert_to_tensor(w.mask), 0)
+        engine.commit(w, keep, keep, slots.get(id(w.variable), []), optimizer=optimizer)
+
+
+def _set_weights_keeping_invariants(model, weights):
+    # Bound to a masked model by `_guard_set_weights` (as a method, so that a
+    # deep copy of the model binds the copy).
+    type(model).set_weights(model, weights)
+    restore_invariants(model)
+
+
+def _guard_set_weights(model) -> None:
+    """Makes `model.set_weights` restore the invariants afterwards (idempotent)."""
+    current = model.__dict__.get("set_weights")
+    if getattr(current, "__func__", None) is _set_weights_keeping_invariants:
+        return
+    method = types.MethodType(_set_weights_keeping_invariants, model)
+    object.__setattr__(model, "set_weights", method)
+
+
 class GrowData:
     """A source of training batches for growth gradients.
 
     Accepts an `(x, y)` or `(x, y, sample_weight)` tuple of arrays (a batch of
     `batch_size` rows is drawn at random, keyed to `seed` and the step, so it
     is reproducible and resume-safe), a `tf.data.Dataset` of batches, or any
-    re-iterable of batches (each pass is restarted when exhausted).
+    re-iterable of batches such as a list or a `keras.utils.PyDataset` (each
+    pass is restarted when exhausted). One-shot iterators (generators) are
+    refused: they would run out in the middle of training.
 
     Args:
       data: the source, as above.
@@ -85,8 +123,8 @@ class GrowData:
       seed: seed of the row draws.
 
     Raises:
-      ValueError: for anything else, an empty tuple source, or a bad
-        batch size.
+      ValueError: for anything else, an empty source, a one-shot iterator,
+        or a bad batch size.
     """
 
     def __init__(self, data, batch_size: int = 128, seed: int = 0):
@@ -114,6 +152,12 @@ class GrowData:
             if n == 0:
                 raise ValueError("`grow_data` holds no rows.")
             self._arrays, self._rows = data, n
+        elif isinstance(data, collections.abc.Iterator):
+            raise ValueError(
+                "`grow_data` is a one-shot iterator (a generator?): it would run out during "
+                "training. Pass something that can be iterated again (a list of batches, a "
+                "tf.data.Dataset, a keras.utils.PyDataset) or an (x, y) tuple of arrays."
+            )
         elif _is_dataset(data) or (
             isinstance(data, collections.abc.Iterable)
             and not isinstance(data, (str, bytes, dict, tuple, np.ndarray))
@@ -127,6 +171,10 @@ class GrowData:
                 "arrays, a tf.data.Dataset of batches, or an iterable of batches; "
                 f"got {type(data).__name__}."
             )
+
+    def restart(self) -> None:
+        """Starts the next iterable pass from its first batch."""
+        self._iterator = None
 
     def batch(self, step: int):
         """The batch to use for the update at optimizer step `step`."""
@@ -240,6 +288,9 @@ class SparseTrainingCallback(keras.callbacks.Callback):
                 "Pass it through rigl_keras.sparsify or build it from masked layers."
             )
         self._weights = weights
+        # Keras callbacks that restore weights (EarlyStopping) go through
+        # set_weights, which knows nothing of optimizer state.
+        _guard_set_weights(model)
         self._last_step = self.current_step()
         self._origin = self._last_step
         self._unread = 0
@@ -560,7 +611,22 @@ class GradientSource:
         return self.data is None
 
     def check(self, owner: str, model, weights) -> None:
-        """Raises before training if the source cannot serve `weights`."""
+        """Raises before training if the source cannot serve `weights`.
+
+        `grow_data` is tried on the model once (one gradient pass), so that
+        data of the wrong shape or type fails here, naming the argument,
+        rather than at the first update.
+        """
+        if not self.captured:
+            try:
+                self.gradients(model, weights, step=0)
+            except Exception as error:  # noqa: BLE001 - re-raised with the argument named
+                raise ValueError(
+                    f"{owner}: `grow_data` cannot be fed to the model: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            finally:
+                self.data.restart()
         if self.captured:
             missing = [w.name for w in weights if w.gradient is None]
             if missing:

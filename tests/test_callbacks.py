@@ -415,3 +415,62 @@ def test_official_timing_needs_an_int_end_step_and_single_step_executions():
     with pytest.raises(ValueError, match="steps_per_execution=1"):
         model.fit(x, y, batch_size=10, epochs=1, verbose=0,
                   callbacks=[rk.RigLCallback(delta_t=4, end_step=8, timing="official")])
+
+
+@pytest.mark.parametrize("order", ["early_stopping_first", "early_stopping_last"])
+def test_early_stopping_restoring_best_weights_keeps_the_invariants(order):
+    x, y = classification_data(200)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8), lr=0.3)
+    expected = counts(model)
+    rigl = rk.RigLCallback(delta_t=2, alpha=0.5, end_step=1.0)
+    # Monitoring the training loss with patience 0 and a large learning rate:
+    # a later epoch is worse, so the best masks and weights are an earlier
+    # epoch's, while the momentum is the last epoch's.
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=0, restore_best_weights=True,
+                                         mode="max", verbose=0)
+    callbacks = [stop, rigl] if order == "early_stopping_first" else [rigl, stop]
+    history = model.fit(x, y, batch_size=20, epochs=3, verbose=0, callbacks=callbacks)
+    assert len(history.history["loss"]) == 2  # stopped, best epoch restored
+    assert stop.best_weights is not None and stop.stopped_epoch == 1
+    rk.check_sparsity(model, expected)
+
+
+def test_set_weights_guard_survives_a_deep_copy():
+    import copy
+
+    x, y = classification_data(40)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rk.RigLCallback(delta_t=1)])
+    clone = copy.deepcopy(model)
+    assert clone.set_weights.__self__ is clone
+
+
+@pytest.mark.parametrize("bad", ["feature_size", "labels"], ids=["wrong-feature-size", "wrong-label-shape"])
+def test_grow_data_that_does_not_fit_the_model_fails_at_fit_start_naming_it(bad):
+    x, y = classification_data(100)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8, capture_gradients=False))
+    grow = (x[:, :7], y) if bad == "feature_size" else (x, np.zeros((100, 3, 3), "float32"))
+    with pytest.raises(ValueError, match="`grow_data` cannot be fed"):
+        model.fit(x, y, batch_size=10, epochs=1, verbose=0,
+                  callbacks=[rk.RigLCallback(delta_t=5, grow_data=grow)])
+    assert int(numpy(model.optimizer.iterations)) == 0
+
+
+def test_one_shot_grow_data_iterators_are_refused_and_pydatasets_restart():
+    x, y = classification_data(100)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        rk.RigLCallback(grow_data=(b for b in _batches(x, y, 25)))
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        rk.RigLCallback(grow_data=iter(_batches(x, y, 25)))
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return x[index * 25:(index + 1) * 25], y[index * 25:(index + 1) * 25]
+
+    model = compile_sgd(rk.sparsify(mlp(), 0.8, capture_gradients=False))
+    history = model.fit(x, y, batch_size=10, epochs=2, verbose=0,
+                        callbacks=[rk.RigLCallback(delta_t=2, end_step=1.0, grow_data=Batches())])
+    assert sum(history.history["mask_updates"]) == 9  # more updates than the 2 batches: restarted
