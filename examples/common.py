@@ -19,6 +19,8 @@ import numpy as np
 
 __all__ = [
     "define_method_flags",
+    "define_schedule_flags",
+    "layer_sparsity",
     "config_from_flags",
     "parse_ints",
     "parse_floats",
@@ -51,11 +53,16 @@ RESULT_KEYS = (
 )
 
 
-def define_method_flags(flag_values, **defaults) -> None:
+def define_method_flags(flag_values, *, multiplier: bool = True, **defaults) -> None:
     """Defines the flags every example shares (method and sparse-training schedule).
+
+    method, sparsity, distribution, delta_t, alpha, decay, multiplier, seed
+    and output_dir.
 
     Args:
       flag_values: the absl `FlagValues` to define them in.
+      multiplier: define --multiplier (scripts that count steps, not epochs,
+        may leave it out).
       **defaults: per-script defaults overriding the ones below.
     """
     from absl import flags
@@ -66,11 +73,14 @@ def define_method_flags(flag_values, **defaults) -> None:
         method="rigl", sparsity=0.9, distribution="erk", delta_t=100, alpha=0.3,
         decay="cosine", multiplier=1.0, seed=0, output_dir=None,
     )
+    unknown = sorted(set(defaults) - set(d))
+    if unknown:
+        raise ValueError(f"define_method_flags: unknown defaults {unknown}; known: {sorted(d)}.")
     d.update(defaults)
     flags.DEFINE_enum("method", d["method"], baselines.METHODS,
                       "Training method.", flag_values=flag_values)
     flags.DEFINE_float("sparsity", d["sparsity"],
-                       "Overall sparsity S of the masked kernels (ignored by dense).",
+                       "Overall sparsity S of the masked weights (ignored by dense).",
                        flag_values=flag_values)
     flags.DEFINE_enum("distribution", d["distribution"], ["uniform", "er", "erk"],
                       "Per-layer sparsity distribution (uniform keeps the first layer "
@@ -81,15 +91,48 @@ def define_method_flags(flag_values, **defaults) -> None:
                        flag_values=flag_values)
     flags.DEFINE_enum("decay", d["decay"], ["cosine", "constant"],
                       "Decay of the drop fraction.", flag_values=flag_values)
-    flags.DEFINE_float("multiplier", d["multiplier"],
-                       "Training multiplier M: scales the training steps, the "
-                       "learning-rate schedule and every connectivity schedule.",
-                       flag_values=flag_values)
+    if multiplier:
+        flags.DEFINE_float("multiplier", d["multiplier"],
+                           "Training multiplier M: scales the training steps, the "
+                           "learning-rate schedule and every connectivity schedule.",
+                           flag_values=flag_values)
     flags.DEFINE_integer("seed", d["seed"], "Random seed (weights, masks, data order).",
                          flag_values=flag_values)
     flags.DEFINE_string("output_dir", d["output_dir"],
                         "Directory for results.json (nothing is written if unset).",
                         flag_values=flag_values)
+
+
+def define_schedule_flags(flag_values, **defaults) -> None:
+    """Defines the schedule flags of the drop/grow end and of gradual pruning.
+
+    end_step (T_end), prune_begin_step, prune_end_step (fractions of the
+    run) and prune_frequency (steps), shared by the Fashion-MNIST scripts
+    and char_lm.py.
+
+    Args:
+      flag_values: the absl `FlagValues` to define them in.
+      **defaults: per-script defaults overriding the ones below.
+    """
+    from absl import flags
+
+    d = dict(end_step=0.75, prune_begin_step=0.0, prune_end_step=0.75, prune_frequency=100)
+    unknown = sorted(set(defaults) - set(d))
+    if unknown:
+        raise ValueError(f"define_schedule_flags: unknown defaults {unknown}; known: {sorted(d)}.")
+    d.update(defaults)
+    fv = flag_values
+    flags.DEFINE_float("end_step", d["end_step"],
+                       "T_end: the last drop/grow step, as a fraction of the run's steps "
+                       "(a whole number > 1: a step count).", flag_values=fv)
+    flags.DEFINE_float("prune_begin_step", d["prune_begin_step"],
+                       "prune: first pruning step, as a fraction of the run (a whole "
+                       "number > 1: a step count).", flag_values=fv)
+    flags.DEFINE_float("prune_end_step", d["prune_end_step"],
+                       "prune: step at which the final sparsity is reached, as a fraction "
+                       "of the run (a whole number > 1: a step count).", flag_values=fv)
+    flags.DEFINE_integer("prune_frequency", d["prune_frequency"],
+                         "prune: steps between pruning events.", flag_values=fv)
 
 
 def config_from_flags(config_class, flag_values):
@@ -105,7 +148,8 @@ def set_seed(seed: int) -> None:
 
 
 def build_method(config, build_fn, *, end_step, prune_begin_step,
-                 prune_end_step, prune_frequency, grow_data=None):
+                 prune_end_step, prune_frequency, grow_data=None, custom_sparsity=None,
+                 dense_layers=(), small_dense_rule="params", small_dense_build=None):
     """The uncompiled model and callbacks of `config.method` (see `rigl_keras.baselines`).
 
     Args:
@@ -117,6 +161,12 @@ def build_method(config, build_fn, *, end_step, prune_begin_step,
         Otherwise separate batches for their scores (see `RigLCallback`).
       end_step: T_end (int step or fraction of the fit).
       prune_begin_step, prune_end_step, prune_frequency: the pruning schedule.
+      custom_sparsity: {selector: sparsity} fixed per layer (`sparsify`);
+        for pruning, the per-layer final sparsities.
+      dense_layers: selectors of weights kept dense.
+      small_dense_rule: "params" or "storage" (`baselines.small_dense_width`).
+      small_dense_build: for small_dense, a function building the narrow
+        model directly (fixed hidden sizes); overrides the rule.
 
     Returns:
       (model, callbacks, method).
@@ -124,6 +174,23 @@ def build_method(config, build_fn, *, end_step, prune_begin_step,
     from rigl_keras import baselines
 
     method = baselines.get(config.method)
+    custom_sparsity = dict(custom_sparsity or {})
+    dense_layers = list(dense_layers or ())
+    if method.name == "small_dense":
+        if small_dense_build is not None:
+            return small_dense_build(), [], method
+        if small_dense_rule != "params" or custom_sparsity or dense_layers:
+            width = baselines.small_dense_width(
+                build_fn, config.sparsity, rule=small_dense_rule,
+                distribution=config.distribution, custom_sparsity=custom_sparsity,
+                dense_layers=dense_layers)
+            return build_fn(width), [], method
+    elif custom_sparsity or dense_layers:
+        model, callbacks = _build_with_layer_sparsities(
+            method, config, build_fn, custom_sparsity, dense_layers, end_step=end_step,
+            prune_begin_step=prune_begin_step, prune_end_step=prune_end_step,
+            prune_frequency=prune_frequency, grow_data=grow_data)
+        return model, callbacks, method
     model, callbacks = method.build(
         build_fn,
         config.sparsity,
@@ -139,6 +206,57 @@ def build_method(config, build_fn, *, end_step, prune_begin_step,
         prune_frequency=prune_frequency,
     )
     return model, callbacks, method
+
+
+def _build_with_layer_sparsities(method, config, build_fn, custom_sparsity, dense_layers, *,
+                                 end_step, prune_begin_step, prune_end_step, prune_frequency,
+                                 grow_data):
+    """`Method.build` with per-layer sparsities (`custom_sparsity`, `dense_layers`).
+
+    As `rigl_keras.baselines.Method.build`, with the map passed to `sparsify`,
+    to SNIP, and (as final sparsities) to pruning, which the official MNIST
+    code prunes with the same per-layer map.
+    """
+    import rigl_keras as rk
+    from rigl_keras import baselines
+
+    sparsity, distribution, seed = config.sparsity, config.distribution, config.seed
+    layers = dict(custom_sparsity=custom_sparsity, dense_layers=dense_layers)
+    dense = build_fn(1.0)
+    if method.name == "dense":
+        return dense, []
+    if method.name == "prune":
+        finals = rk.sparsity_distribution(dense, sparsity, distribution, **layers)
+        model = rk.sparsify(dense, 0.0, "uniform", seed=seed, capture_gradients=False)
+        return model, [baselines.MagnitudePruningCallback(
+            finals, prune_begin_step, prune_end_step, prune_frequency)]
+    model = rk.sparsify(dense, sparsity, distribution, seed=seed, **layers,
+                        capture_gradients=method.uses_gradients and grow_data is None)
+    schedule = dict(delta_t=config.delta_t, alpha=config.alpha, end_step=end_step,
+                    decay=config.decay, seed=seed)
+    if method.name == "static":
+        return model, [baselines.StaticCallback()]
+    if method.name == "snip":
+        return model, [baselines.SNIPCallback(sparsity, distribution, grow_data, seed=seed,
+                                              **layers)]
+    if method.name == "set":
+        return model, [baselines.SETCallback(**schedule)]
+    if method.name == "snfs":
+        return model, [baselines.SNFSCallback(grow_data=grow_data, **schedule)]
+    if method.name == "rigl":
+        return model, [rk.RigLCallback(grow_data=grow_data, **schedule)]
+    raise ValueError(f"Method {method.name!r} does not take per-layer sparsities.")
+
+
+def layer_sparsity(model) -> dict:
+    """{masked weight name: measured sparsity} (empty for a model without masks)."""
+    import rigl_keras as rk
+
+    result = {}
+    for w in rk.masked_weights(model):
+        mask = keras.ops.convert_to_numpy(w.mask)
+        result[w.name] = 1.0 - float(np.count_nonzero(mask)) / mask.size
+    return result
 
 
 class StopAtStep(keras.callbacks.Callback):
@@ -317,20 +435,24 @@ def read_results(path: str) -> dict | None:
         return None
 
 
-def run_and_report(config_class, run, flag_values=None) -> dict:
+def run_and_report(config_class, run, flag_values=None, make_config=None) -> dict:
     """A script's main: builds its config from flags, runs it, prints the results.
 
     Args:
       config_class: the script's `Config` dataclass.
       run: the script's `run(config) -> results` function.
       flag_values: absl flag values (default: the global FLAGS).
+      make_config: flag values -> config, instead of `config_from_flags`
+        (e.g. one that applies a preset).
 
     Returns:
       The results dict.
     """
     from absl import flags as absl_flags
 
-    config = config_from_flags(config_class, flag_values or absl_flags.FLAGS)
+    flag_values = flag_values or absl_flags.FLAGS
+    config = (make_config(flag_values) if make_config
+              else config_from_flags(config_class, flag_values))
     results = run(config)
     print(format_results(results))
     if config.output_dir:

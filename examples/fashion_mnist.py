@@ -18,6 +18,10 @@ The learning rate follows a cosine decay to zero over the run (so that short
 runs end converged); T_end and the pruning window are fractions of the run,
 so the training multiplier M stretches the steps, the learning-rate schedule
 and T_end together.
+
+`--preset=official_mnist` switches to the regime of the official MNIST code
+(google-research/rigl, rigl/mnist/mnist_train_eval.py) instead: see
+`PRESETS` and `apply_preset`. Flags given explicitly still win over it.
 """
 
 from __future__ import annotations
@@ -32,12 +36,34 @@ import numpy as np
 from examples import common
 from examples import data as data_lib
 
-__all__ = ["Config", "define_flags", "train_and_evaluate", "make_optimizer", "MODELS"]
+__all__ = [
+    "Config", "define_flags", "config_from_flags", "train_and_evaluate", "make_optimizer",
+    "MODELS", "PRESETS", "apply_preset", "official_mnist_preset", "lr_boundaries",
+    "resolve_step", "OFFICIAL_SMALL_DENSE_HIDDEN", "SMALL_DENSE_RULES",
+]
 
 
 @dataclasses.dataclass
 class Config:
-    """One Fashion-MNIST training run. Fields mirror the scripts' flags."""
+    """One Fashion-MNIST training run. Fields mirror the scripts' flags.
+
+    Steps and epochs are given at M = 1 and scaled by `multiplier`.
+
+    * `end_step`, `prune_begin_step`, `prune_end_step`: a float is a fraction
+      of the run in [0, 1]; an int (or a whole float > 1, as flags give it)
+      is a step count, as the official code gives T_end = 50000.
+    * `lr_schedule`: "cosine" (to 0 over the run, after `warmup_epochs`),
+      "step" (÷10 at 50% and 75% of the run), "constant", or "piecewise":
+      divided by `lr_drop_factor` at each of `lr_drop_epochs`.
+    * `sparsity_scales`: ((selector, scale), ...): those weights get sparsity
+      scale·S (`sparsify(custom_sparsity=...)`); `dense_layers` stay dense;
+      every other weight follows `distribution`.
+    * `small_dense_rule`: how Small-Dense is sized: "params" or "storage"
+      (`rigl_keras.baselines.small_dense_width`), or "fixed": the hidden
+      sizes `small_dense_hidden`, by default the official ones
+      (`OFFICIAL_SMALL_DENSE_HIDDEN`).
+    * `preset`: the preset `apply_preset` applied ("" for none).
+    """
 
     model: str = "mlp"
     method: str = "rigl"
@@ -49,15 +75,23 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"
+    lr_drop_epochs: tuple[float, ...] = ()
+    lr_drop_factor: float = 3.0
     warmup_epochs: float = 0.0
     delta_t: int = 100
     alpha: float = 0.3
     decay: str = "cosine"
-    end_step: float = 0.75
+    end_step: float | int = 0.75
     multiplier: float = 1.0
-    prune_begin_step: float = 0.0
-    prune_end_step: float = 0.75
+    prune_begin_step: float | int = 0.0
+    prune_end_step: float | int = 0.75
     prune_frequency: int = 100
+    sparsity_scales: tuple[tuple[str, float], ...] = ()
+    dense_layers: tuple[str, ...] = ()
+    steps_per_execution: int = 1
+    small_dense_rule: str = "params"
+    small_dense_hidden: tuple[int, ...] = ()
+    preset: str = ""
     seed: int = 0
     output_dir: str | None = None
     data_dir: str | None = None
@@ -71,38 +105,57 @@ def _l2(weight_decay: float):
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
+def _hidden(width: float, sizes, defaults: tuple[int, ...]) -> tuple[int, ...]:
+    """Hidden sizes: `sizes` as given, else `defaults` × `width` (rounded, at least 1)."""
+    if sizes:
+        sizes = tuple(int(n) for n in sizes)
+        if len(sizes) != len(defaults) or min(sizes) < 1:
+            raise ValueError(
+                f"`hidden_sizes` must be {len(defaults)} positive ints (at width 1: "
+                f"{defaults}); got {sizes}.")
+        return sizes
+    return tuple(max(1, round(n * width)) for n in defaults)
+
+
 def lenet_300_100(width: float = 1.0, num_classes: int = 10,
-                  weight_decay: float = 0.0) -> keras.Model:
+                  weight_decay: float = 0.0, hidden_sizes=None) -> keras.Model:
     """LeNet-300-100 on 28×28 images: Flatten, Dense(300), Dense(100), Dense(10).
 
     Args:
       width: multiplier of the two hidden widths (Small-Dense uses < 1).
       num_classes: output units.
       weight_decay: L2 weight decay of every kernel (0: none).
+      hidden_sizes: the two hidden widths, replacing 300·width, 100·width
+        (e.g. the official Small-Dense (8, 8)).
     """
     def dense(units, name, activation=None):
         return keras.layers.Dense(units, activation=activation,
                                   kernel_regularizer=_l2(weight_decay), name=name)
 
+    h1, h2 = _hidden(width, hidden_sizes, (300, 100))
     inputs = keras.Input((28, 28), name="image")
     x = keras.layers.Flatten(name="flatten")(inputs)
-    x = dense(max(1, round(300 * width)), "fc1", "relu")(x)
-    x = dense(max(1, round(100 * width)), "fc2", "relu")(x)
+    x = dense(h1, "fc1", "relu")(x)
+    x = dense(h2, "fc2", "relu")(x)
     outputs = dense(num_classes, "logits")(x)
     return keras.Model(inputs, outputs, name="lenet_300_100")
 
 
 def small_convnet(width: float = 1.0, num_classes: int = 10,
-                  weight_decay: float = 0.0) -> keras.Model:
+                  weight_decay: float = 0.0, hidden_sizes=None) -> keras.Model:
     """A small ConvNet: two 3×3 Conv2D + max-pool stages, Dense(128), Dense(10).
 
     Args:
       width: multiplier of every filter count and the hidden width.
       num_classes: output units.
       weight_decay: L2 weight decay of every kernel (0: none).
+      hidden_sizes: (conv1 filters, conv2 filters, fc1 units), replacing
+        (32, 64, 128)·width.
     """
+    sizes = dict(zip((32, 64, 128), _hidden(width, hidden_sizes, (32, 64, 128))))
+
     def scaled(n):
-        return max(1, round(n * width))
+        return sizes[n]
 
     def conv(filters, name):
         return keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
@@ -124,6 +177,71 @@ def small_convnet(width: float = 1.0, num_classes: int = 10,
 
 #: --model -> (builder(width) -> dense model, script name).
 MODELS = {"mlp": (lenet_300_100, "fashion_mnist_mlp"), "cnn": (small_convnet, "fashion_mnist_cnn")}
+
+#: Values of --small_dense_rule.
+SMALL_DENSE_RULES = ("params", "storage", "fixed")
+
+#: Small-Dense hidden sizes fixed by an official experiment, by (model, S):
+#: rigl/rigl_tf2/mlp_configs/small_dense.gin trains LeNet-300-100 with hidden
+#: sizes (8, 8) against the 98%-sparse model (6,442 parameters against 5,734).
+OFFICIAL_SMALL_DENSE_HIDDEN = {("mlp", 0.98): (8, 8)}
+
+
+def official_mnist_preset(method: str) -> dict:
+    """The `Config` values of the official MNIST regime for `method`.
+
+    From google-research/rigl, rigl/mnist/mnist_train_eval.py (its flag
+    defaults): batch 100, SGD with Nesterov momentum 0.9 at lr 0.2, L2 1e-4,
+    200 epochs; the learning rate is divided by 3 at epochs 75 and 95 for
+    every sparse method (the code's `lr_drop_epoch` branch, taken whenever
+    the training method is not the dense baseline) and at epochs 60, 70 and
+    80 for the dense baseline. Mask updates every ΔT = 100 steps with
+    α = 0.3 and cosine decay until T_end = step 50000 (41.7% of the 120,000
+    steps). Sparsities by layer: fc1 at S, fc2 at 0.9·S (`sparsity_scale`),
+    the output layer dense; pruning ramps the same per-layer targets from
+    step 2000 to step 30000, every 500 steps.
+
+    The update timing is the library's default unless the callbacks are
+    given `timing="official"` (not set here). `steps_per_execution=100`
+    (a divisor of ΔT and of the pruning frequency) only makes it faster.
+    """
+    return dict(
+        epochs=200.0, batch_size=100, learning_rate=0.2, momentum=0.9, weight_decay=1e-4,
+        lr_schedule="piecewise", lr_drop_factor=3.0, warmup_epochs=0.0,
+        lr_drop_epochs=(60.0, 70.0, 80.0) if method == "dense" else (75.0, 95.0),
+        delta_t=100, alpha=0.3, decay="cosine", end_step=50000,
+        prune_begin_step=2000, prune_end_step=30000, prune_frequency=500,
+        distribution="uniform", sparsity_scales=(("fc1", 1.0), ("fc2", 0.9)),
+        dense_layers=("logits",), steps_per_execution=100,
+    )
+
+
+#: --preset name -> (method -> {Config field: value}); models it applies to.
+PRESETS = {"official_mnist": (official_mnist_preset, ("mlp",))}
+
+
+def apply_preset(config: Config, name: str, keep=()) -> Config:
+    """`config` with the values of preset `name`, except the fields in `keep`.
+
+    Args:
+      config: the run's `Config` (its method and model select the values).
+      name: a key of `PRESETS`, or "" for none (`config` is returned as is).
+      keep: names of fields given explicitly, which win over the preset.
+
+    Raises:
+      ValueError: for an unknown preset, or a model it does not apply to.
+    """
+    if not name:
+        return config
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    values_fn, models = PRESETS[name]
+    if config.model not in models:
+        raise ValueError(f"Preset {name!r} is defined for models {models}; got "
+                         f"model {config.model!r}.")
+    keep = set(keep)
+    values = {k: v for k, v in values_fn(config.method).items() if k not in keep}
+    return dataclasses.replace(config, preset=name, **values)
 
 
 def define_flags(flag_values, **defaults) -> None:
@@ -154,18 +272,41 @@ def define_flags(flag_values, **defaults) -> None:
     flags.DEFINE_float("warmup_epochs", d["warmup_epochs"],
                        "Linear learning-rate warm-up epochs at the start (cosine schedule).",
                        flag_values=fv)
-    flags.DEFINE_enum("lr_schedule", d["lr_schedule"], ["cosine", "step", "constant"],
+    flags.DEFINE_enum("lr_schedule", d["lr_schedule"], ["cosine", "step", "constant", "piecewise"],
                       "Learning-rate schedule over the run: cosine decay to 0, ÷10 at "
-                      "50% and 75% of the steps, or constant.", flag_values=fv)
-    flags.DEFINE_float("end_step", d["end_step"],
-                       "T_end as a fraction of the run's steps.", flag_values=fv)
-    flags.DEFINE_float("prune_begin_step", d["prune_begin_step"],
-                       "prune: first pruning step, as a fraction of the run.", flag_values=fv)
-    flags.DEFINE_float("prune_end_step", d["prune_end_step"],
-                       "prune: step at which the final sparsity is reached, as a "
-                       "fraction of the run.", flag_values=fv)
-    flags.DEFINE_integer("prune_frequency", d["prune_frequency"],
-                         "prune: steps between pruning events.", flag_values=fv)
+                      "50% and 75% of the steps, constant, or ÷--lr_drop_factor at each "
+                      "of --lr_drop_epochs.", flag_values=fv)
+    common.define_schedule_flags(
+        fv, **{k: d[k] for k in ("end_step", "prune_begin_step", "prune_end_step",
+                                 "prune_frequency")})
+    flags.DEFINE_list("lr_drop_epochs", [f"{e:g}" for e in d["lr_drop_epochs"]],
+                      "piecewise schedule: epochs (at M = 1) at which the learning rate "
+                      "is divided by --lr_drop_factor.", flag_values=fv)
+    flags.DEFINE_float("lr_drop_factor", d["lr_drop_factor"],
+                       "piecewise schedule: divisor of each drop.", flag_values=fv)
+    flags.DEFINE_list("sparsity_scales", [f"{k}:{v:g}" for k, v in d["sparsity_scales"]],
+                      "Per-layer sparsities relative to S, as selector:scale pairs, e.g. "
+                      "fc1:1,fc2:0.9 (fc2 at 0.9·S); other weights follow --distribution.",
+                      flag_values=fv)
+    flags.DEFINE_list("dense_layers", list(d["dense_layers"]),
+                      "Layers (selectors) kept dense, e.g. logits.", flag_values=fv)
+    flags.DEFINE_integer("steps_per_execution", d["steps_per_execution"],
+                         "Keras steps_per_execution (must divide --delta_t).", flag_values=fv)
+    flags.DEFINE_enum("small_dense_rule", d["small_dense_rule"], list(SMALL_DENSE_RULES),
+                      "small_dense: match the sparse model's parameter count (params), its "
+                      "storage bits with one bit per mask entry (storage, the official "
+                      "ImageNet rule), or use --small_dense_hidden / the official fixed "
+                      "sizes (fixed).", flag_values=fv)
+    flags.DEFINE_list("small_dense_hidden", [str(n) for n in d["small_dense_hidden"]],
+                      "small_dense with --small_dense_rule=fixed: the hidden sizes (mlp: "
+                      "2, cnn: 3); empty: the official ones, (8,8) for the mlp at S=0.98.",
+                      flag_values=fv)
+    flags.DEFINE_enum("preset", d["preset"] or None, sorted(PRESETS),
+                      "A regime that sets the flags it covers (flags given explicitly "
+                      "win). official_mnist: the official MNIST code's regime (lr 0.2 "
+                      "÷3 at epochs 75, 95; 200 epochs; T_end = step 50000; fc1 at S, fc2 "
+                      "at 0.9·S, output dense; pruning steps 2000-30000 every 500).",
+                      flag_values=fv)
     flags.DEFINE_string("data_dir", d["data_dir"],
                         "Directory with the Fashion-MNIST idx files (default: a prepared "
                         "TFDS copy, else /usr/share/datasets/fashion-mnist).", flag_values=fv)
@@ -177,14 +318,78 @@ def define_flags(flag_values, **defaults) -> None:
                          flag_values=fv)
 
 
-def make_optimizer(config: Config, total_steps: int,
-                   warmup_steps: int = 0) -> keras.optimizers.Optimizer:
+def _parse_scales(items) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            if ":" not in item:
+                raise ValueError(f"`sparsity_scales` entries are selector:scale; got {item!r}.")
+            key, value = item.rsplit(":", 1)
+            item = (key.strip(), float(value))
+        pairs.append((str(item[0]), float(item[1])))
+    return tuple(pairs)
+
+
+def config_from_flags(flag_values) -> Config:
+    """The `Config` the parsed flags describe, with --preset applied under them."""
+    config = common.config_from_flags(Config, flag_values)
+    config.lr_drop_epochs = common.parse_floats(config.lr_drop_epochs)
+    config.sparsity_scales = _parse_scales(config.sparsity_scales)
+    config.dense_layers = tuple(str(v).strip() for v in config.dense_layers if str(v).strip())
+    config.small_dense_hidden = common.parse_ints(config.small_dense_hidden)
+    config.preset = config.preset or ""
+    explicit = [f.name for f in dataclasses.fields(Config)
+                if f.name in flag_values and flag_values[f.name].present]
+    return apply_preset(config, config.preset, keep=explicit)
+
+
+def resolve_step(value, total_steps: int, multiplier: float, name: str) -> int:
+    """A schedule point in steps: a fraction of the run, or a step count scaled by M.
+
+    Args:
+      value: a float in [0, 1] (fraction of `total_steps`), or an int step
+        count at M = 1 (a whole float > 1 counts as one, as flags give it).
+      total_steps: the run's steps (already scaled by M).
+      multiplier: the training multiplier M.
+      name: the argument's name for errors.
+
+    Raises:
+      ValueError: for a negative value or a float > 1 that is not whole.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"`{name}` must be a fraction in [0, 1] or a step count; got {value!r}.")
+    if value < 0:
+        raise ValueError(f"`{name}` must be >= 0; got {value}.")
+    if isinstance(value, (int, np.integer)):
+        return common.scaled_step(int(value), multiplier)
+    if value <= 1.0:
+        return int(round(float(value) * total_steps))
+    if float(value).is_integer():
+        return common.scaled_step(int(value), multiplier)
+    raise ValueError(
+        f"`{name}` must be a fraction of the run in [0, 1] or a whole number of steps; "
+        f"got {value}.")
+
+
+def lr_boundaries(config: Config, steps_per_epoch: int) -> list[int]:
+    """Steps of the piecewise schedule's drops: round(epoch × M × steps per epoch)."""
+    return [int(round(float(e) * config.multiplier * steps_per_epoch))
+            for e in config.lr_drop_epochs]
+
+
+def make_optimizer(config: Config, total_steps: int, warmup_steps: int = 0,
+                   steps_per_epoch: int | None = None) -> keras.optimizers.Optimizer:
     """SGD with Nesterov momentum and the configured learning-rate schedule.
 
     Args:
       config: the run's `Config` (learning_rate, momentum, lr_schedule).
       total_steps: steps of the run.
       warmup_steps: linear warm-up from 0 at the start (cosine schedule only).
+      steps_per_epoch: for the piecewise schedule (its drops are in epochs).
+
+    Raises:
+      ValueError: for an unknown schedule, or a piecewise one without drop
+        epochs, steps per epoch, or with a drop factor <= 0.
     """
     lr = config.learning_rate
     if config.lr_schedule == "cosine":
@@ -198,15 +403,20 @@ def make_optimizer(config: Config, total_steps: int,
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(
             [int(0.5 * total_steps), int(0.75 * total_steps)], [lr, lr / 10, lr / 100]
         )
+    elif config.lr_schedule == "piecewise":
+        if not config.lr_drop_epochs or not steps_per_epoch:
+            raise ValueError("lr_schedule='piecewise' needs `lr_drop_epochs` and "
+                             "`steps_per_epoch`.")
+        if not config.lr_drop_factor > 0:
+            raise ValueError(f"`lr_drop_factor` must be > 0; got {config.lr_drop_factor}.")
+        boundaries = lr_boundaries(config, steps_per_epoch)
+        if boundaries != sorted(set(boundaries)):
+            raise ValueError(f"`lr_drop_epochs` must increase; got {config.lr_drop_epochs}.")
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries, [lr / config.lr_drop_factor ** i for i in range(len(boundaries) + 1)])
     elif config.lr_schedule != "constant":
         raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}.")
     return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=True)
-
-
-def _fraction_step(fraction: float, total: int, name: str) -> int:
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"`{name}` must be a fraction of the run in [0, 1]; got {fraction}.")
-    return int(round(fraction * total))
 
 
 def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -> dict:
@@ -239,10 +449,11 @@ def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -
     total_steps = common.steps_for(config.epochs, config.multiplier, steps_per_epoch)
     warmup_steps = common.steps_for(config.warmup_epochs, config.multiplier, steps_per_epoch) \
         if config.warmup_epochs else 0
-    end_step = max(1, _fraction_step(config.end_step, total_steps, "end_step"))
-    prune_begin = _fraction_step(config.prune_begin_step, total_steps, "prune_begin_step")
+    m = config.multiplier
+    end_step = max(1, resolve_step(config.end_step, total_steps, m, "end_step"))
+    prune_begin = resolve_step(config.prune_begin_step, total_steps, m, "prune_begin_step")
     prune_end = max(prune_begin + 1,
-                    _fraction_step(config.prune_end_step, total_steps, "prune_end_step"))
+                    resolve_step(config.prune_end_step, total_steps, m, "prune_end_step"))
 
     train_ds = (
         tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
@@ -255,18 +466,39 @@ def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -
     def build_fn(width: float) -> keras.Model:
         return build_dense(width, weight_decay=config.weight_decay)
 
+    custom_sparsity = {key: scale * float(config.sparsity)
+                       for key, scale in config.sparsity_scales}
+    small_dense_build = None
+    if config.method == "small_dense" and config.small_dense_rule == "fixed":
+        hidden = tuple(config.small_dense_hidden) or OFFICIAL_SMALL_DENSE_HIDDEN.get(
+            (config.model, round(float(config.sparsity), 6)))
+        if not hidden:
+            raise ValueError(
+                f"small_dense_rule='fixed' needs `small_dense_hidden`: the official code "
+                f"fixes hidden sizes only for {sorted(OFFICIAL_SMALL_DENSE_HIDDEN)} "
+                f"(model, sparsity); got ({config.model!r}, {config.sparsity}).")
+
+        def small_dense_build():
+            return build_dense(1.0, weight_decay=config.weight_decay, hidden_sizes=hidden)
+    elif config.small_dense_rule not in SMALL_DENSE_RULES:
+        raise ValueError(f"Unknown small_dense_rule {config.small_dense_rule!r}; choose one "
+                         f"of {SMALL_DENSE_RULES}.")
+
     # RigL, SNFS and SNIP grow from the dense gradient of the training batch
     # itself, captured inside the train step (no extra pass, any backend).
     model, callbacks, method = common.build_method(
         config, build_fn, end_step=end_step,
         prune_begin_step=prune_begin, prune_end_step=prune_end,
         prune_frequency=config.prune_frequency,
+        custom_sparsity=custom_sparsity, dense_layers=config.dense_layers,
+        small_dense_rule=config.small_dense_rule, small_dense_build=small_dense_build,
     )
     dense_model = build_fn(1.0) if config.method == "small_dense" else None
     model.compile(
-        optimizer=make_optimizer(config, total_steps, warmup_steps),
+        optimizer=make_optimizer(config, total_steps, warmup_steps, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        steps_per_execution=int(config.steps_per_execution),
     )
     connectivity_before = common.first_layer_connectivity(model)
     history = model.fit(
@@ -301,8 +533,17 @@ def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -
         "multiplier": float(config.multiplier),
         "epochs": float(config.epochs),
         "batch_size": config.batch_size,
+        "preset": config.preset,
         "learning_rate": config.learning_rate,
         "lr_schedule": config.lr_schedule,
+        "lr_drop_steps": (lr_boundaries(config, steps_per_epoch)
+                          if config.lr_schedule == "piecewise" else []),
+        "custom_sparsity": custom_sparsity,
+        "dense_layers": list(config.dense_layers),
+        "layer_sparsity": common.layer_sparsity(model),
+        "steps_per_execution": int(config.steps_per_execution),
+        "prune_steps": ([prune_begin, prune_end, int(config.prune_frequency)]
+                        if config.method == "prune" else []),
         "warmup_epochs": float(config.warmup_epochs),
         "weight_decay": float(config.weight_decay),
         "delta_t": config.delta_t,

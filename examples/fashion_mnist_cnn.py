@@ -53,7 +53,7 @@ def run(config: Config | None = None, data=None, **overrides) -> dict:
 
 def main(argv):
     del argv  # unused
-    common.run_and_report(Config, run)
+    common.run_and_report(Config, run, make_config=fashion_mnist.config_from_flags)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ results.json to --output_dir.
     python examples/fashion_mnist_mlp.py --method=rigl --sparsity=0.9 \
         --epochs=20 --output_dir=/tmp/mlp_rigl
 
+The official MNIST regime (rigl/mnist/mnist_train_eval.py: 200 epochs, lr 0.2
+÷3 at epochs 75 and 95, T_end = step 50000, fc1 at S, fc2 at 0.9·S, output
+layer dense, pruning from step 2000 to 30000 every 500; see
+`fashion_mnist.official_mnist_preset`), flags given explicitly winning:
+
+    python examples/fashion_mnist_mlp.py --preset=official_mnist \
+        --method=rigl --sparsity=0.98 --output_dir=/tmp/mlp_official
+
 Data: real Fashion-MNIST, offline (see examples/data.py): --data_dir, a
 prepared TFDS copy, or Debian's `dataset-fashion-mnist` package.
 """
@@ -53,7 +61,7 @@ def run(config: Config | None = None, data=None, **overrides) -> dict:
 
 def main(argv):
     del argv  # unused
-    common.run_and_report(Config, run)
+    common.run_and_report(Config, run, make_config=fashion_mnist.config_from_flags)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,19 @@ A quick version (about 2.5 minutes on 2 CPU cores), also spelled --quick:
 
 The full default sweep (8 methods, S ∈ {0.8, 0.9, 0.95, 0.98}, 3 seeds,
 10 epochs) is 87 runs, about 30–40 minutes on 2 CPU cores.
+
+The official MNIST regime (`--preset=official_mnist`, see
+`fashion_mnist.official_mnist_preset`: 200 epochs at lr 0.2 with the
+official step drops, T_end = step 50000, fc1 at S, fc2 at 0.9·S, output
+layer dense, pruning from step 2000 to 30000 every 500), about 5 minutes
+per run on one CPU core:
+
+    python examples/reproduce.py --preset=official_mnist \
+        --methods=rigl,set,static,prune --sparsities=0.9,0.98 --seeds=2 \
+        --output_dir=out/official_mnist
+
+Flags given explicitly win over the preset (e.g. --epochs=2 for a smoke
+test); --preset and --quick are exclusive.
 """
 
 from __future__ import annotations
@@ -84,6 +97,10 @@ class SweepConfig:
     test_limit: int = 0
     plot_connectivity: bool = False
     verbose: int = 0
+    small_dense_rule: str = "params"
+    preset: str = ""
+    #: Fields that win over the preset (flags given explicitly).
+    keep: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +150,13 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                       "Plot RigL's first-layer connections per pixel before/after training.",
                       flag_values=fv)
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity per run.", flag_values=fv)
+    flags.DEFINE_enum("small_dense_rule", d.small_dense_rule,
+                      list(fashion_mnist.SMALL_DENSE_RULES),
+                      "How Small-Dense is sized (see fashion_mnist_mlp.py --help).",
+                      flag_values=fv)
+    flags.DEFINE_enum("preset", None, sorted(fashion_mnist.PRESETS),
+                      "Run every run in a preset regime (see fashion_mnist.PRESETS); "
+                      "flags given explicitly win over it.", flag_values=fv)
     flags.DEFINE_bool("quick", False,
                       "A ~2.5-minute sweep: " + ", ".join(
                           f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
@@ -146,10 +170,17 @@ def config_from_flags(flag_values) -> SweepConfig:
     config = common.config_from_flags(SweepConfig, flag_values)
     config.methods = tuple(m.strip().lower() for m in flag_values.methods if m.strip())
     config.sparsities = tuple(float(s) for s in flag_values.sparsities if s.strip())
+    config.preset = flag_values.preset or ""
+    if flag_values.quick and config.preset:
+        raise ValueError("--quick and --preset are exclusive.")
     if flag_values.quick:
         for name, value in QUICK.items():
             if not flag_values[name].present:
                 setattr(config, name, value)
+    run_fields = {f.name for f in dataclasses.fields(fashion_mnist.Config)}
+    config.keep = tuple(f.name for f in dataclasses.fields(SweepConfig)
+                        if f.name in run_fields and f.name in flag_values
+                        and flag_values[f.name].present)
     return config
 
 
@@ -176,23 +207,45 @@ def plan(config: SweepConfig) -> list[RunSpec]:
     return runs
 
 
-def run_config(config: SweepConfig, spec: RunSpec) -> fashion_mnist.Config:
-    """The `fashion_mnist.Config` of one run of the sweep."""
-    return fashion_mnist.Config(
+def _resolved_config(config: SweepConfig, spec: RunSpec) -> fashion_mnist.Config:
+    """The run's `fashion_mnist.Config` (preset applied), without an output directory."""
+    run = fashion_mnist.Config(
         model=config.model, method=spec.method, sparsity=spec.sparsity,
         distribution=config.distribution, epochs=config.epochs,
         batch_size=config.batch_size, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
         lr_schedule=config.lr_schedule, delta_t=config.delta_t, alpha=config.alpha,
         end_step=config.end_step, multiplier=config.multiplier, seed=spec.seed,
-        output_dir=os.path.join(config.output_dir, "runs", run_id(config, spec)),
         data_dir=config.data_dir, train_limit=config.train_limit,
         test_limit=config.test_limit, verbose=config.verbose,
+        small_dense_rule=config.small_dense_rule,
     )
+    return fashion_mnist.apply_preset(run, config.preset, keep=config.keep)
+
+
+def run_config(config: SweepConfig, spec: RunSpec) -> fashion_mnist.Config:
+    """The `fashion_mnist.Config` of one run of the sweep."""
+    return dataclasses.replace(
+        _resolved_config(config, spec),
+        output_dir=os.path.join(config.output_dir, "runs", run_id(config, spec)))
+
+
+#: Config fields that do not affect a run's result (or are in its readable name).
+_NOT_HASHED = ("output_dir", "data_dir", "verbose", "seed", "method", "sparsity", "model",
+               "multiplier", "epochs", "preset")
 
 
 def run_id(config: SweepConfig, spec: RunSpec) -> str:
     """A name for a run that changes whenever anything that affects its result does."""
+    if config.preset:
+        run = _resolved_config(config, spec)
+        readable = (
+            f"{config.model}-{spec.method}-{config.preset}-s{spec.sparsity:g}"
+            f"-m{run.multiplier:g}-e{run.epochs:g}-seed{spec.seed}"
+        )
+        rest = tuple((f.name, getattr(run, f.name)) for f in dataclasses.fields(run)
+                     if f.name not in _NOT_HASHED)
+        return f"{readable}-{hashlib.sha1(repr(rest).encode()).hexdigest()[:6]}"
     readable = (
         f"{config.model}-{spec.method}-{config.distribution}-s{spec.sparsity:g}"
         f"-m{config.multiplier:g}-e{config.epochs:g}-seed{spec.seed}"
@@ -200,6 +253,8 @@ def run_id(config: SweepConfig, spec: RunSpec) -> str:
     rest = (config.batch_size, config.learning_rate, config.lr_schedule, config.delta_t,
             config.alpha, config.end_step, config.train_limit, config.test_limit,
             config.weight_decay, config.warmup_epochs)
+    if config.small_dense_rule != "params" and spec.method == "small_dense":
+        rest += (config.small_dense_rule,)
     digest = hashlib.sha1(repr(rest).encode()).hexdigest()[:6]
     return f"{readable}-{digest}"
 
@@ -347,6 +402,39 @@ def _aggregate(config: SweepConfig, rows: list[dict]) -> dict:
     return stats
 
 
+def settings_line(config: SweepConfig, steps=()) -> str:
+    """One line describing the runs' hyperparameters (the resolved preset if any)."""
+    steps = f" ({', '.join(map(str, steps))} steps)" if steps else ""
+    if config.preset:
+        sparse = [m for m in config.methods if m not in ("dense", "small_dense")]
+        run = _resolved_config(config, RunSpec(sparse[0] if sparse else config.methods[0], 0.5, 0))
+        scales = ", ".join(f"{k} at {v:g}·S" for k, v in run.sparsity_scales)
+        dense = ", ".join(run.dense_layers)
+        dense_drops = fashion_mnist.apply_preset(
+            dataclasses.replace(run, method="dense"), config.preset,
+            keep=config.keep).lr_drop_epochs
+        return (
+            f"Settings ({config.preset} preset): {run.epochs:g} epochs × M = "
+            f"{run.multiplier:g}{steps}, batch {run.batch_size}, SGD Nesterov momentum "
+            f"{run.momentum:g}, lr {run.learning_rate:g} ÷{run.lr_drop_factor:g} at epochs "
+            f"{', '.join(f'{e:g}' for e in run.lr_drop_epochs)} (dense: "
+            f"{', '.join(f'{e:g}' for e in dense_drops)}), weight decay "
+            f"{run.weight_decay:g}; per-layer sparsity {scales}"
+            + (f", {dense} dense" if dense else "")
+            + f"; ΔT = {run.delta_t}, α = {run.alpha:g} ({run.decay}), T_end = step "
+            f"{run.end_step}; pruning from step {run.prune_begin_step} to "
+            f"{run.prune_end_step} every {run.prune_frequency} steps; "
+            f"steps_per_execution {run.steps_per_execution}.")
+    return (
+        f"Settings: {config.epochs:g} epochs × M = {config.multiplier:g}{steps}, "
+        f"batch {config.batch_size}, "
+        f"SGD Nesterov lr {config.learning_rate:g} ({config.lr_schedule}"
+        + (f", {config.warmup_epochs:g} warm-up epochs" if config.warmup_epochs else "")
+        + f"), weight decay {config.weight_decay:g}, "
+        f"{config.distribution.upper()} sparsity distribution, ΔT = {config.delta_t}, "
+        f"α = {config.alpha:g}, T_end = {config.end_step:g} of the run.")
+
+
 def markdown_table(config: SweepConfig, rows: list[dict]) -> str:
     """The results as markdown: accuracy (mean ± std) and FLOPs per method and sparsity."""
     stats = _aggregate(config, rows)
@@ -359,13 +447,7 @@ def markdown_table(config: SweepConfig, rows: list[dict]) -> str:
         f"Test accuracy (%) as mean ± std over {config.seeds} seed(s); FLOPs relative to the "
         "dense model: training FLOPs per the paper's Appendix A (× M), inference FLOPs per "
         "sample.",
-        f"Settings: {config.epochs:g} epochs × M = {config.multiplier:g} "
-        f"({', '.join(map(str, steps))} steps), batch {config.batch_size}, "
-        f"SGD Nesterov lr {config.learning_rate:g} ({config.lr_schedule}"
-        + (f", {config.warmup_epochs:g} warm-up epochs" if config.warmup_epochs else "")
-        + f"), weight decay {config.weight_decay:g}, "
-        f"{config.distribution.upper()} sparsity distribution, ΔT = {config.delta_t}, "
-        f"α = {config.alpha:g}, T_end = {config.end_step:g} of the run.",
+        settings_line(config, steps),
         "",
     ]
     header = ["Method"]
@@ -425,9 +507,9 @@ def plot_accuracy_vs_sparsity(config: SweepConfig, rows: list[dict], path: str) 
     axes.set_xticklabels([f"{s:g}" for s in sparsities])
     axes.set_xlabel("sparsity")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title(f"{MODEL_NAMES.get(config.model, config.model)} / Fashion-MNIST "
-                   f"({config.distribution.upper()}, {config.epochs:g} epochs × "
-                   f"{config.multiplier:g})")
+    regime = (f"{config.preset} preset" if config.preset else
+              f"{config.distribution.upper()}, {config.epochs:g} epochs × {config.multiplier:g}")
+    axes.set_title(f"{MODEL_NAMES.get(config.model, config.model)} / Fashion-MNIST ({regime})")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()

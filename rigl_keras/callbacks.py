@@ -251,12 +251,22 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     @property
     def total_steps(self) -> int | None:
-        """Optimizer steps of the whole fit, if known."""
+        """Optimizer steps of the whole fit, if known.
+
+        With `gradient_accumulation_steps=n` the optimizer steps once per n
+        batches (`optimizer.iterations` counts those steps), so a fit of B
+        batches has B // n of them.
+        """
         params = self.params or {}
         steps, epochs = params.get("steps"), params.get("epochs")
         if steps is None or epochs is None:
             return None
-        return int(steps) * int(epochs)
+        return self._optimizer_steps(int(steps) * int(epochs))
+
+    def _optimizer_steps(self, batches: int) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        return batches // int(getattr(inner, "gradient_accumulation_steps", None) or 1)
 
     def current_step(self) -> int:
         """The optimizer's step count (works for distributed variables too)."""
@@ -323,7 +333,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             # The step at which this fit's schedule starts: a resumed fit
             # starts at epoch `initial_epoch`, not 0.
             steps = (self.params or {}).get("steps") or 0
-            self._origin = max(0, self._last_step - int(epoch) * int(steps))
+            self._origin = max(0, self._last_step - self._optimizer_steps(int(epoch) * int(steps)))
             self.schedule_ready()
             self._counts = self._current_counts()
             self._fresh = False

@@ -39,6 +39,10 @@ import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if __name__ == "__main__" and os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    # Keras imports TensorFlow, if installed, whatever the backend (3 s a process);
+    # the child runs as on a machine without it (the core needs only keras and numpy).
+    sys.modules["tensorflow"] = None
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402

@@ -474,3 +474,20 @@ def test_one_shot_grow_data_iterators_are_refused_and_pydatasets_restart():
     history = model.fit(x, y, batch_size=10, epochs=2, verbose=0,
                         callbacks=[rk.RigLCallback(delta_t=2, end_step=1.0, grow_data=Batches())])
     assert sum(history.history["mask_updates"]) == 9  # more updates than the 2 batches: restarted
+
+
+def test_gradient_accumulation_counts_optimizer_steps_for_the_schedule():
+    x, y = classification_data(200)
+    model = rk.sparsify(mlp(), 0.8)
+    model.compile(keras.optimizers.SGD(0.05, gradient_accumulation_steps=4),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rigl = StepRecorder(delta_t=2, alpha=0.3, end_step=0.75)
+    logs = []
+    recorder = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs=None, out=logs: out.append(dict(logs)))
+    history = model.fit(x, y, batch_size=10, epochs=2, verbose=0, callbacks=[rigl, recorder])
+    # 40 batches = 10 optimizer steps; T_end = 0.75 * 10 -> 8 (not 0.75 * 40).
+    assert int(numpy(model.optimizer.iterations)) == 10
+    assert [s for s, _ in rigl.steps] == [2, 4, 6]
+    assert sum(history.history["mask_updates"]) == 3
+    fractions = [l["drop_fraction"] for l in logs if "drop_fraction" in l]
+    assert fractions == pytest.approx([0.15 * (1 + math.cos(math.pi * t / 8)) for t in (2, 4, 6)])
