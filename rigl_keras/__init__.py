@@ -13,6 +13,7 @@ from rigl_keras.callbacks import (
     GrowData,
     RigLCallback,
     SparseTrainingCallback,
+    restore_invariants,
 )
 from rigl_keras.distributions import active_count, sparsity_distribution
 from rigl_keras.layers import (
@@ -89,6 +90,7 @@ __all__ = [
     "DynamicSparseCallback",
     "GradientSource",
     "GrowData",
+    "restore_invariants",
     "UpdateSchedule",
     "PolynomialSchedule",
     "check_sparsity",

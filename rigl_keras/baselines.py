@@ -59,6 +59,8 @@ class StaticCallback(SparseTrainingCallback):
       seed: unused; accepted for a uniform interface.
       check_invariants: check binary masks, unchanged counts and zeros
         outside the mask at the end of every epoch.
+      on_nonfinite: accepted for a uniform interface (static training has no
+        update to skip).
     """
 
     def on_epoch_end(self, epoch, logs=None):
@@ -87,15 +89,20 @@ class SETCallback(DynamicSparseCallback):
         that starts at t = begin + i·ΔT, 0 <= t <= end (see
         `DynamicSparseCallback`).
       check_invariants: audit invariants after every update.
+      on_nonfinite: what a non-finite weight or score does at an update:
+        "skip" (default: that weight's update is skipped with a warning, the
+        others go on), "stop" (also ends the fit, like `TerminateOnNaN`) or
+        "raise" (`FloatingPointError` naming the weights and the step).
 
     Raises:
       ValueError: for an argument out of range.
     """
 
     def __init__(self, delta_t=100, alpha=0.3, end_step=0.75, decay="cosine", seed=0,
-                 *, begin_step=0, timing="keras", check_invariants=False):
+                 *, begin_step=0, timing="keras", check_invariants=False, on_nonfinite="skip"):
         super().__init__(delta_t, alpha, end_step, decay, begin_step=begin_step,
-                         timing=timing, seed=seed, check_invariants=check_invariants)
+                         timing=timing, seed=seed, check_invariants=check_invariants,
+                         on_nonfinite=on_nonfinite)
 
     def grow_scores(self, step):
         # NumPy draws: cheap, and the same on every backend.
@@ -141,6 +148,10 @@ class SNFSCallback(RigLCallback):
         that starts at t = begin + i·ΔT, 0 <= t <= end; unlike RigL's, that
         batch trains, as in the official SNFS (see `DynamicSparseCallback`).
       check_invariants: audit invariants after every update.
+      on_nonfinite: what a non-finite weight or score does at an update:
+        "skip" (default: that weight's update is skipped with a warning, the
+        others go on), "stop" (also ends the fit, like `TerminateOnNaN`) or
+        "raise" (`FloatingPointError` naming the weights and the step).
 
     Raises:
       ValueError: for an argument out of range, or (at train begin) weights
@@ -152,10 +163,12 @@ class SNFSCallback(RigLCallback):
 
     def __init__(self, delta_t=100, alpha=0.3, end_step=0.75, decay="cosine",
                  momentum=0.9, grow_data=None, redistribute=False, seed=0, *,
-                 grow_batch_size=128, begin_step=0, timing="keras", check_invariants=False):
+                 grow_batch_size=128, begin_step=0, timing="keras", check_invariants=False,
+                 on_nonfinite="skip"):
         super().__init__(delta_t, alpha, end_step, decay, grow_data, seed,
                          grow_batch_size=grow_batch_size, begin_step=begin_step,
-                         timing=timing, check_invariants=check_invariants)
+                         timing=timing, check_invariants=check_invariants,
+                         on_nonfinite=on_nonfinite)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
         self.momentum = float(momentum)
@@ -203,8 +216,9 @@ class SNFSCallback(RigLCallback):
         scores = self.grow_scores(step)
         active = [engine.active_connections(w) for w in weights]
         # Dense weights (by the distribution or the user) neither give nor take.
-        usable = [a < w.size and engine.scores_are_finite(w, s)
-                  for w, s, a in zip(weights, scores, active)]
+        problems = [engine.score_problem(w, s) if a < w.size else None
+                    for w, s, a in zip(weights, scores, active)]
+        usable = [a < w.size and p is None for w, a, p in zip(weights, active, problems)]
         drops = [int(fraction * a) if ok else 0 for a, ok in zip(active, usable)]
         capacity = [(w.size - (a - d)) if ok else 0 for w, a, d, ok in zip(weights, active, drops, usable)]
         means = []
@@ -216,8 +230,8 @@ class SNFSCallback(RigLCallback):
         optimizer = self.model.optimizer
         results = [
             engine.drop_grow(w, d, s, self.optimizer_slots(w), n_grow=g, optimizer=optimizer)
-            if ok else engine.UpdateResult(w.name, a, 0, skipped=a < w.size)
-            for w, s, d, g, ok, a in zip(weights, scores, drops, grows, usable, active)
+            if ok else engine.UpdateResult(w.name, a, 0, skipped=p is not None, reason=p)
+            for w, s, d, g, ok, a, p in zip(weights, scores, drops, grows, usable, active, problems)
         ]
         self.record(logs if logs is not None else {}, fraction, results)
         return results
@@ -277,6 +291,10 @@ class SNIPCallback(SparseTrainingCallback):
       grow_batch_size: rows drawn from an array tuple.
       erk_power_scale: exponent of the ERK scale.
       check_invariants: audit invariants after the pruning.
+      on_nonfinite: what a non-finite weight or score does at an update:
+        "skip" (default: that weight's update is skipped with a warning, the
+        others go on), "stop" (also ends the fit, like `TerminateOnNaN`) or
+        "raise" (`FloatingPointError` naming the weights and the step).
 
     Raises:
       ValueError: for a bad sparsity or distribution, or (at train begin) a
@@ -288,8 +306,8 @@ class SNIPCallback(SparseTrainingCallback):
 
     def __init__(self, sparsity, distribution="erk", grow_data=None, *, custom_sparsity=None,
                  dense_layers=None, seed=0, grow_batch_size=128, erk_power_scale=1.0,
-                 check_invariants=False):
-        super().__init__(seed=seed, check_invariants=check_invariants)
+                 check_invariants=False, on_nonfinite="skip"):
+        super().__init__(seed=seed, check_invariants=check_invariants, on_nonfinite=on_nonfinite)
         self.sparsity = distributions.validate_sparsity(sparsity)
         if not isinstance(distribution, str) or distribution.lower() not in distributions.DISTRIBUTIONS:
             raise ValueError(
@@ -400,6 +418,10 @@ class MagnitudePruningCallback(SparseTrainingCallback):
       initial_sparsity: s_i.
       exponent: the polynomial's exponent (3 in the paper).
       check_invariants: audit invariants after every pruning step.
+      on_nonfinite: what a non-finite weight or score does at an update:
+        "skip" (default: that weight's update is skipped with a warning, the
+        others go on), "stop" (also ends the fit, like `TerminateOnNaN`) or
+        "raise" (`FloatingPointError` naming the weights and the step).
 
     Raises:
       ValueError: for an argument out of range, or (at train begin) a map
@@ -410,8 +432,9 @@ class MagnitudePruningCallback(SparseTrainingCallback):
     fraction_key = "target_sparsity"
 
     def __init__(self, final_sparsity=None, begin_step=0, end_step=0.75, frequency=100,
-                 initial_sparsity=0.0, exponent=3, *, check_invariants=False):
-        super().__init__(seed=0, check_invariants=check_invariants)
+                 initial_sparsity=0.0, exponent=3, *, check_invariants=False,
+                 on_nonfinite="skip"):
+        super().__init__(seed=0, check_invariants=check_invariants, on_nonfinite=on_nonfinite)
         tfmot_args = _from_tfmot_schedule(final_sparsity)
         if tfmot_args is not None:
             final_sparsity = tfmot_args.pop("final_sparsity")
@@ -453,7 +476,7 @@ class MagnitudePruningCallback(SparseTrainingCallback):
             "final_sparsity": self.final_sparsity, "begin_step": self.begin_step,
             "end_step": self.end_step, "frequency": self.frequency,
             "initial_sparsity": self.initial_sparsity, "exponent": self.exponent,
-            "check_invariants": self.check_invariants,
+            "check_invariants": self.check_invariants, "on_nonfinite": self.on_nonfinite,
         }
 
     def setup(self):

@@ -203,28 +203,53 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     advanced (the step is read from `optimizer.iterations`, never counted in
     Python, so resuming from a checkpoint continues the schedule exactly), and
     writes per-epoch totals of what the method did into the epoch logs.
+    Resume: everything is keyed to `optimizer.iterations` or saved with the
+    model, so a fit resumed from a backup taken at an epoch end
+    (`BackupAndRestore(save_freq="epoch")`, `ModelCheckpoint`) continues
+    exactly, whatever the order of the callbacks. Backups taken every N
+    batches are not exact (Keras restarts the epoch at batch 0), and one
+    taken by a callback listed *before* this one at an update step holds the
+    state before that update, which a resumed run does not redo: list
+    step-based backups after the sparse-training callback.
+
+    With an optimizer whose update mixes positions (Muon; found by
+    `engine.mixes_positions`), it sets the weights outside the masks back to
+    0 after every training batch (every execution with
+    `steps_per_execution` > 1); those entries never reach the model's output
+    in between.
 
     Args:
       seed: seed of everything random the method does.
       check_invariants: after every connectivity change, verify binary masks,
         exact counts and initial optimizer state outside the mask with
         `rigl_keras.check_sparsity`; raises on the first violation.
+      on_nonfinite: what a non-finite weight or score does at an update:
+        "skip" (default: that weight's update is skipped with a warning, the
+        others go on), "stop" (also ends the fit, like `TerminateOnNaN`) or
+        "raise" (`FloatingPointError` naming the weights and the step).
 
     Raises:
-      ValueError: for a non-int seed.
+      ValueError: for a non-int seed or an unknown `on_nonfinite`.
     """
+
+    #: Values accepted for `on_nonfinite`.
+    NONFINITE = ("skip", "stop", "raise")
 
     #: Whether a connectivity change keeps per-weight counts constant.
     keeps_counts = True
     #: Log name of the per-update fraction (drop fraction, or target sparsity).
     fraction_key = "drop_fraction"
 
-    def __init__(self, *, seed: int = 0, check_invariants: bool = False):
+    def __init__(self, *, seed: int = 0, check_invariants: bool = False, on_nonfinite: str = "skip"):
         super().__init__()
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"`seed` must be an int; got {seed!r}.")
+        if on_nonfinite not in self.NONFINITE:
+            raise ValueError(f"`on_nonfinite` must be one of {self.NONFINITE}; got {on_nonfinite!r}.")
         self.seed = int(seed)
         self.check_invariants = bool(check_invariants)
+        self.on_nonfinite = on_nonfinite
+        self._project = False
         self._weights: list = []
         self._last_step = 0
         self._origin = 0
@@ -236,7 +261,8 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     # -- configuration -----------------------------------------------------
     def get_config(self) -> dict:
         """The constructor arguments (data sources excluded)."""
-        return {"seed": self.seed, "check_invariants": self.check_invariants}
+        return {"seed": self.seed, "check_invariants": self.check_invariants,
+                "on_nonfinite": self.on_nonfinite}
 
     @classmethod
     def from_config(cls, config: dict):
@@ -301,6 +327,17 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         # Keras callbacks that restore weights (EarlyStopping) go through
         # set_weights, which knows nothing of optimizer state.
         _guard_set_weights(model)
+        traits = engine.optimizer_traits(model.optimizer)
+        self._project = traits.mixes_positions
+        if traits.makes_nonfinite:
+            warnings.warn(
+                f"{type(self).__name__}: {type(model.optimizer).__name__} turns weight entries "
+                "whose row and column get no gradient into NaN (a probe found it), and masked "
+                "weights have such entries; training will likely diverge. For Adafactor, "
+                "raise `epsilon_1` (e.g. to 1e-15): the default 1e-30 underflows.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._last_step = self.current_step()
         self._origin = self._last_step
         self._unread = 0
@@ -312,6 +349,10 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         # Reading the step syncs with the device, so it is read only when an
         # event may be due. The estimate never falls behind the true step
         # (a loss-scale optimizer may skip steps, never add them).
+        if self._project:
+            self.model  # noqa: B018 - syncs the JAX trainer's state into the variables
+            for weight in self._weights:
+                engine.project(weight)
         self._unread += 1
         due = self.next_event(self._last_step)
         estimate = self._last_step + self._unread * int(getattr(self.model, "steps_per_execution", 1) or 1)
@@ -368,6 +409,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._epoch_changed += changed
         self._epoch_updates += 1
         self._last_fraction = fraction
+        self._handle_nonfinite(results)
         if self.check_invariants:
             check_sparsity(self.model, self._counts if self.keeps_counts else None)
         if not self.keeps_counts:
@@ -375,6 +417,17 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         summaries = getattr(self.model, "_rigl_summaries", None)  # rigl_keras.summaries
         if summaries is not None:
             summaries.on_update(self.model, self._last_step, self.fraction_key, fraction, changed)
+
+    def _handle_nonfinite(self, results) -> None:
+        bad = [r.weight for r in results if r.reason == "non-finite"]
+        if not bad or self.on_nonfinite == "skip":
+            return
+        message = (f"{type(self).__name__}: non-finite weights or scores in {bad} at step "
+                   f"{self._last_step}")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message + ".")
+        warnings.warn(message + "; stopping training (on_nonfinite='stop').", RuntimeWarning, stacklevel=3)
+        self.model.stop_training = True
 
     def _current_counts(self) -> dict[str, int]:
         return {w.name: engine.active_connections(w) for w in self._weights}
@@ -415,6 +468,10 @@ class DynamicSparseCallback(SparseTrainingCallback):
       timing: "keras" (default) or "official" (above).
       seed: seed of everything random the method does.
       check_invariants: audit invariants after every update.
+      on_nonfinite: what a non-finite weight or score does at an update:
+        "skip" (default: that weight's update is skipped with a warning, the
+        others go on), "stop" (also ends the fit, like `TerminateOnNaN`) or
+        "raise" (`FloatingPointError` naming the weights and the step).
 
     Raises:
       ValueError: for an argument out of range (see `UpdateSchedule`), or
@@ -436,8 +493,9 @@ class DynamicSparseCallback(SparseTrainingCallback):
         timing: str = "keras",
         seed: int = 0,
         check_invariants: bool = False,
+        on_nonfinite: str = "skip",
     ):
-        super().__init__(seed=seed, check_invariants=check_invariants)
+        super().__init__(seed=seed, check_invariants=check_invariants, on_nonfinite=on_nonfinite)
         self.schedule = schedules.UpdateSchedule(
             delta_t=delta_t, alpha=alpha, end_step=end_step, decay=decay,
             begin_step=begin_step, timing=timing,
@@ -695,6 +753,10 @@ class RigLCallback(DynamicSparseCallback):
       begin_step: first step at which updates may happen.
       timing: "keras" (default) or "official" (see `DynamicSparseCallback`).
       check_invariants: audit invariants after every update.
+      on_nonfinite: what a non-finite weight or score does at an update:
+        "skip" (default: that weight's update is skipped with a warning, the
+        others go on), "stop" (also ends the fit, like `TerminateOnNaN`) or
+        "raise" (`FloatingPointError` naming the weights and the step).
 
     Raises:
       ValueError: for an argument out of range, `grow_data` of the wrong kind,
@@ -718,10 +780,11 @@ class RigLCallback(DynamicSparseCallback):
         begin_step: int = 0,
         timing: str = "keras",
         check_invariants: bool = False,
+        on_nonfinite: str = "skip",
     ):
         super().__init__(
             delta_t, alpha, end_step, decay, begin_step=begin_step, timing=timing,
-            seed=seed, check_invariants=check_invariants,
+            seed=seed, check_invariants=check_invariants, on_nonfinite=on_nonfinite,
         )
         self.source = GradientSource(grow_data, grow_batch_size, seed)
         self.grow_batch_size = self.source.grow_batch_size

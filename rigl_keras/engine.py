@@ -33,9 +33,15 @@ __all__ = [
     "prune",
     "active_connections",
     "scores_are_finite",
+    "score_problem",
     "optimizer_state_for",
     "optimizer_state_by_variable",
     "slot_initial_value",
+    "OptimizerTraits",
+    "optimizer_traits",
+    "mixes_positions",
+    "is_derived_slot",
+    "project",
 ]
 
 
@@ -49,12 +55,14 @@ class UpdateResult:
       changed: connections grown at positions that were inactive before the
         update (for pruning: connections removed); 0 for a skipped update.
       skipped: True if the update was skipped (non-finite or constant scores).
+      reason: why it was skipped: "non-finite" or "constant", else None.
     """
 
     weight: str
     active: int
     changed: int
     skipped: bool = False
+    reason: str | None = None
 
 
 class _HostOps:
@@ -201,15 +209,18 @@ def optimizer_state_by_variable(optimizer, model_variables) -> dict[int, list]:
 
     Works for any Keras 3 optimizer (and a LossScaleOptimizer around one):
     states are matched to their model variable by the name Keras gives them
-    and by shape. Empty lists before the optimizer is built.
+    and by shape. State the optimizer recomputes everywhere at each step
+    (`OptimizerTraits.derived_slots`) is left out: it is not kept per entry.
+    Empty lists before the optimizer is built.
     """
     result = {id(v): [] for v in model_variables}
-    if optimizer is None:
+    if optimizer is None or not optimizer.variables:
         return result
     prefixes = {v.path.replace("/", "_") + "_": v for v in model_variables}
     for slot in optimizer.variables:
         owner = _slot_owner(slot, prefixes)
-        if owner is not None and tuple(slot.shape) == tuple(owner.shape):
+        if (owner is not None and tuple(slot.shape) == tuple(owner.shape)
+                and not is_derived_slot(optimizer, slot)):
             result[id(owner)].append(slot)
     return result
 
@@ -242,8 +253,7 @@ def slot_initial_value(optimizer, slot) -> float:
     is built on a one-element stand-in variable, and its state of the same
     kind (name suffix) is read. Cached per optimizer configuration.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    key = (type(inner), repr(sorted(inner.get_config().items(), key=lambda kv: kv[0])))
+    inner, key = _probe_key(optimizer)
     table = _INITIAL_VALUES.get(key)
     if table is None:
         probe_var = keras.Variable(np.zeros((1,), "float32"), name="rigl_probe")
@@ -258,6 +268,107 @@ def slot_initial_value(optimizer, slot) -> float:
         _INITIAL_VALUES[key] = table
     best = max((s for s in table if slot.name.endswith("_" + s) or slot.name == s), key=len, default=None)
     return 0.0 if best is None else table[best]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerTraits:
+    """How an optimizer treats entries whose gradient is always zero.
+
+    Attributes:
+      mixes_positions: such an entry of the weight can change (Muon
+        orthogonalises the whole momentum matrix; elementwise optimizers such
+        as SGD, Adam or Adagrad leave it alone).
+      makes_nonfinite: such entries can become NaN or inf.
+      derived_slots: kinds (name suffixes) of state the optimizer recomputes
+        for every entry at every step from other state, so that they are not
+        at their initial value outside a mask (Adafactor's factored
+        `velocity`); they are neither reset nor audited.
+    """
+
+    mixes_positions: bool
+    makes_nonfinite: bool = False
+    derived_slots: frozenset = frozenset()
+
+
+_TRAITS: dict = {}
+
+
+def _probe_key(optimizer):
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner, (type(inner), repr(sorted(inner.get_config().items(), key=lambda kv: kv[0])))
+
+
+def optimizer_traits(optimizer) -> OptimizerTraits:
+    """The `OptimizerTraits` of `optimizer`, found by a probe.
+
+    A fresh optimizer of the same class and configuration takes a few steps
+    on small 2-D and 4-D stand-ins whose gradients are zero outside a fixed
+    pattern that leaves a row and a column empty, as a sparse layer does.
+    Cached per configuration; an optimizer that cannot be probed counts as
+    mixing positions (its weights are then projected, which is always safe).
+    """
+    if optimizer is None:
+        return OptimizerTraits(False)
+    inner, key = _probe_key(optimizer)
+    if key not in _TRAITS:
+        try:
+            _TRAITS[key] = _probe(inner)
+        except Exception:  # noqa: BLE001 - unknown optimizers are projected, to be safe
+            _TRAITS[key] = OptimizerTraits(True)
+    return _TRAITS[key]
+
+
+def _probe(inner) -> OptimizerTraits:
+    rng = np.random.default_rng(0)
+    probe = type(inner).from_config(inner.get_config())
+    shapes = [(8, 8), (2, 2, 4, 4)]
+    patterns = [rng.random(s) < 0.5 for s in shapes]
+    for p in patterns:
+        p[..., 0, :] = False
+        p[..., :, 0] = False
+    variables = [keras.Variable((rng.normal(size=s) * p).astype("float32"), name=f"rigl_probe{i}")
+                 for i, (s, p) in enumerate(zip(shapes, patterns))]
+    probe.build(variables)
+    slots = []  # (kind, slot, entries with no gradient, initial value)
+    for var, p in zip(variables, patterns):
+        prefix = var.path.replace("/", "_") + "_"
+        slots += [(slot.name[len(prefix):], slot, ~p, keras.ops.convert_to_numpy(slot).copy())
+                  for slot in probe.variables
+                  if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(var.shape)]
+    for _ in range(3):
+        grads = [keras.ops.convert_to_tensor((rng.normal(size=s) * p).astype("float32"))
+                 for s, p in zip(shapes, patterns)]
+        probe.apply_gradients(zip(grads, variables))
+    values = [keras.ops.convert_to_numpy(v) for v in variables]
+    return OptimizerTraits(
+        mixes_positions=any(bool(np.any(v[~p] != 0)) for v, p in zip(values, patterns)),
+        makes_nonfinite=not all(bool(np.all(np.isfinite(v))) for v in values),
+        derived_slots=frozenset(
+            kind for kind, slot, outside, initial in slots
+            if np.any(keras.ops.convert_to_numpy(slot)[outside] != initial[outside])
+        ),
+    )
+
+
+def mixes_positions(optimizer) -> bool:
+    """Whether `optimizer` can move a weight entry whose gradient is always zero
+    (see `optimizer_traits`); such weights are projected onto their masks after each step."""
+    return optimizer_traits(optimizer).mixes_positions
+
+
+def is_derived_slot(optimizer, slot) -> bool:
+    """Whether `slot` is state `optimizer` recomputes everywhere at each step (see `OptimizerTraits`)."""
+    derived = optimizer_traits(optimizer).derived_slots
+    return any(slot.name.endswith("_" + kind) for kind in derived)
+
+
+def project(weight) -> None:
+    """Sets `weight`'s entries outside its mask to 0 (after an optimizer that mixes positions)."""
+    xp = _ops_for(weight.size)
+    value = _on(xp, weight.variable)
+    weight.variable.assign(
+        xp.where(xp.not_equal(_on(xp, weight.mask), 0), value, xp.zeros_like(value))
+    )
 
 
 def commit(weight, new_mask, keep, slots=(), optimizer=None) -> None:
@@ -292,25 +403,35 @@ def active_connections(weight) -> int:
     return int(xp.sum(xp.cast(xp.not_equal(_on(xp, weight.mask), 0), "int32")))
 
 
-def scores_are_finite(weight, grow_score, drop_score=None) -> bool:
-    """False (with a warning) if a grow score or an active entry is not finite,
-    or if the grow scores are all equal (growth would follow index order)."""
+def score_problem(weight, grow_score, drop_score=None) -> str | None:
+    """Why `weight` cannot be updated (with a warning), or None if it can.
+
+    Returns:
+      "non-finite" if a grow score or an active entry is not finite,
+      "constant" if the grow scores are all equal (growth would follow index
+      order), else None.
+    """
     xp = _ops_for(weight.size)
     grow_score = _on(xp, grow_score)
     if drop_score is None:
         drop_score = xp.where(xp.not_equal(_on(xp, weight.mask), 0), _on(xp, weight.variable), 0)
     if not _all_finite(xp, _on(xp, drop_score), grow_score):
-        reason = "non-finite weights or growth scores"
+        reason, text = "non-finite", "non-finite weights or growth scores"
     elif float(xp.max(grow_score)) == float(xp.min(grow_score)):
-        reason = "constant growth scores (growth would follow index order)"
+        reason, text = "constant", "constant growth scores (growth would follow index order)"
     else:
-        return True
+        return None
     warnings.warn(
-        f"rigl_keras: {reason} in {weight.name!r}; its connectivity update is skipped.",
+        f"rigl_keras: {text} in {weight.name!r}; its connectivity update is skipped.",
         RuntimeWarning,
         stacklevel=3,
     )
-    return False
+    return reason
+
+
+def scores_are_finite(weight, grow_score, drop_score=None) -> bool:
+    """True unless `score_problem` finds one (then with a warning)."""
+    return score_problem(weight, grow_score, drop_score) is None
 
 
 def drop_grow(weight, n_drop: int, grow_score, slots=(), *, n_grow: int | None = None,
@@ -351,8 +472,9 @@ def drop_grow(weight, n_drop: int, grow_score, slots=(), *, n_grow: int | None =
     if drop_score is None:
         drop_score = xp.abs(xp.where(active, _on(xp, weight.variable), 0))
     drop_score = _on(xp, drop_score)
-    if not scores_are_finite(weight, grow_score, drop_score):
-        return UpdateResult(weight.name, n_active, 0, skipped=True)
+    reason = score_problem(weight, grow_score, drop_score)
+    if reason is not None:
+        return UpdateResult(weight.name, n_active, 0, skipped=True, reason=reason)
     new_mask, _ = drop_grow_masks(mask, drop_score, grow_score, n_drop, n_grow)
     survives = xp.logical_and(new_mask, active)
     changed = int(xp.sum(xp.cast(xp.logical_and(new_mask, xp.logical_not(active)), "int32")))
@@ -383,7 +505,7 @@ def prune(weight, n_keep: int, slots=(), score=None, optimizer=None) -> UpdateRe
             RuntimeWarning,
             stacklevel=2,
         )
-        return UpdateResult(weight.name, n_active, 0, skipped=True)
+        return UpdateResult(weight.name, n_active, 0, skipped=True, reason="non-finite")
     n_keep = min(n_keep, n_active)
     if n_keep == n_active:
         return UpdateResult(weight.name, n_active, 0)

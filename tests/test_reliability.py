@@ -264,6 +264,31 @@ def test_non_finite_captured_gradient_skips_only_that_weight():
     assert all(np.isfinite(numpy(w.variable)).all() for w in rk.masked_weights(model))
 
 
+@pytest.mark.parametrize("policy", ["skip", "stop", "raise"])
+def test_on_nonfinite_policy(policy):
+    x, y = classification_data(100)
+    model = rk.sparsify(mlp(), 0.8)
+    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    poison = PoisonCaptured("fc2")
+    rigl = rk.RigLCallback(delta_t=3, on_nonfinite=policy)
+    callbacks = [poison, rigl, poison.restore()]
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=r"'fc2'.*step 3"):
+            model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=callbacks)
+        return
+    with pytest.warns(RuntimeWarning, match="fc2"):
+        history = model.fit(x, y, batch_size=10, epochs=2, verbose=0, callbacks=callbacks)
+    # "skip" goes on updating the finite weights; "stop" ends the fit after the first update.
+    assert len(history.history["loss"]) == (2 if policy == "skip" else 1)
+    assert history.history["mask_updates"][0] == (3 if policy == "skip" else 1)
+    assert rk.RigLCallback.from_config(rigl.get_config()).on_nonfinite == policy
+
+
+def test_on_nonfinite_is_validated():
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        rk.RigLCallback(on_nonfinite="ignore")
+
+
 def _audited_model():
     model = rk.sparsify(mlp(), 0.5)
     model.compile(keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
