@@ -338,6 +338,8 @@ class SNIPCallback(SparseTrainingCallback):
             sparse_embeddings=True,
         )
         self._pending = None
+        self._targets = {w.name: distributions.active_count(w.size, sparsities[w.name])
+                         for w in self.masked_weights}
         if self.current_step() != 0:
             return  # resumed: the mask was chosen at step 0 and is restored
         initial = self._densify()
@@ -365,6 +367,24 @@ class SNIPCallback(SparseTrainingCallback):
             w.mask.assign(ops.ones_like(w.mask.value))
             values.append(ops.convert_to_numpy(w.variable))
         return values
+
+    def schedule_ready(self):
+        # Every callback has restored what it restores by now. A state from
+        # after step 0 whose sparse weights are all still dense was saved
+        # between the dense first step and the pruning (a step-level backup
+        # listed before this callback): SNIP cannot score that batch again.
+        step = self.current_step()
+        if step == 0 or self._pending is not None:
+            return
+        sparse = [w for w in self.masked_weights if self._targets[w.name] < w.size]
+        if sparse and all(engine.active_connections(w) == w.size for w in sparse):
+            raise ValueError(
+                f"{type(self).__name__}: the model was restored at step {step} from a state "
+                "saved before SNIP's pruning step (a step-level BackupAndRestore listed before "
+                "this callback?), so its masks are still dense and the first batch's scores are "
+                "gone. List BackupAndRestore after SNIPCallback (or use save_freq='epoch') and "
+                "start again from scratch."
+            )
 
     def next_event(self, step):
         return 1 if self._pending is not None and step < 1 else None

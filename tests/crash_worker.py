@@ -4,11 +4,11 @@ The child process of `tests/test_crash.py` (also importable, so that a test can
 run the same training in its own process):
 
     python tests/crash_worker.py METHOD WORKDIR [--save-freq epoch|N] [--kill SPEC]
-                                 [--single-checkpoint] [--backup-first]
+                                 [--single-checkpoint] [--backup-first] [--reference NPZ]
 
 trains METHOD (static, snip, set, snfs, rigl, prune) on a tiny MLP and synthetic
-data (3 epochs × 4 steps; connectivity updates at optimizer steps 2, 4, 6, 8
-and 10: snip prunes once, after step 1) with
+data (3 epochs × 4 steps; masks change after optimizer steps 2, 4, 6 and 8,
+and 10 for prune; snip prunes once, after step 1; static never) with
 `keras.callbacks.BackupAndRestore(WORKDIR/backup, save_freq, double_checkpoint=True)`
 placed after the method's callbacks, and at the end saves the model to
 WORKDIR/final.keras. Run again with the same arguments, it resumes from the
@@ -55,9 +55,9 @@ METHODS = ("static", "snip", "set", "snfs", "rigl", "prune")
 SPARSITY = 0.8
 ROWS, BATCH, EPOCHS = 128, 32, 3  # 4 steps per epoch, 12 in all
 STEPS_PER_EPOCH = ROWS // BATCH
-#: Optimizer steps after which a connectivity update happens (snip: step 1 only; static: none).
-UPDATE_STEPS = {"static": (), "snip": (1,), "set": (2, 4, 6, 8, 10), "snfs": (2, 4, 6, 8, 10),
-                "rigl": (2, 4, 6, 8, 10), "prune": (2, 4, 6, 8, 10)}
+#: Optimizer steps after which masks change (snip: step 1 only; static: never).
+UPDATE_STEPS = {"static": (), "snip": (1,), "set": (2, 4, 6, 8), "snfs": (2, 4, 6, 8),
+                "rigl": (2, 4, 6, 8), "prune": (2, 4, 6, 8, 10)}
 #: Weights written to latest.weights.h5 before a `write:N` kill.
 WRITES_BEFORE_KILL = 3
 
@@ -113,7 +113,7 @@ def build(method: str):
     """(model, callbacks): the same initial state in every process."""
     set_seed(7)
     model, callbacks = baselines.get(method).build(
-        mlp, SPARSITY, delta_t=2, end_step=0.9, seed=3,
+        mlp, SPARSITY, delta_t=2, end_step=0.8, seed=3,
         prune_frequency=2, prune_end_step=0.8)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -138,12 +138,30 @@ def state(model) -> list:
             list(model.variables) + list(model.optimizer.variables)]
 
 
-def reference(method: str) -> list:
-    """The state after an uninterrupted fit, without any backup."""
+class MaskChanges(keras.callbacks.Callback):
+    """Records the optimizer steps after which some mask changed."""
+
+    def on_train_begin(self, logs=None):
+        self.steps, self.masks = [], self._masks()
+
+    def _masks(self):
+        return [keras.ops.convert_to_numpy(w.mask).copy() for w in rk.masked_weights(self.model)]
+
+    def on_train_batch_end(self, batch, logs=None):
+        masks = self._masks()
+        if any(not np.array_equal(a, b) for a, b in zip(masks, self.masks)):
+            self.steps.append(int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+        self.masks = masks
+
+
+def reference(method: str):
+    """(state, steps after which a mask changed) of an uninterrupted fit, without any backup."""
     model, callbacks = build(method)
     x, y = data()
-    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks)
-    return state(model)
+    changes = MaskChanges()
+    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
+              callbacks=callbacks + [changes])
+    return state(model), tuple(changes.steps)
 
 
 def _die():
@@ -195,9 +213,8 @@ def arm(kill: str | None, model) -> list:
             if str(path).endswith("training_metadata.json") and mode == "w" and at_step():
                 if kind == "between":
                     _die()
-                handle = original_open(path, mode)  # truncates the previous metadata
+                original_open(path, mode)  # truncates the previous metadata
                 _die()
-                return handle
             return original_open(path, mode)
 
         file_utils.File = open_file
@@ -219,15 +236,17 @@ def arm(kill: str | None, model) -> list:
 
 
 def run(method: str, workdir: str, save_freq="epoch", kill: str | None = None,
-        double_checkpoint: bool = True, backup_first: bool = False):
+        double_checkpoint: bool = True, backup_first: bool = False, delete_checkpoint: bool = True):
     """Trains `method` with a backup in `workdir` (resuming from it), killed as `kill` says.
 
-    Returns the trained model, also saved as `workdir/final.keras`.
+    Returns the trained model, also saved as `workdir/final.keras`; its
+    `epochs_run` attribute is the number of epochs this call trained.
     """
     model, callbacks = build(method)
     x, y = data()
     backup = keras.callbacks.BackupAndRestore(
-        os.path.join(workdir, "backup"), save_freq=save_freq, double_checkpoint=double_checkpoint)
+        os.path.join(workdir, "backup"), save_freq=save_freq, double_checkpoint=double_checkpoint,
+        delete_checkpoint=delete_checkpoint)
     callbacks = [backup] + callbacks if backup_first else callbacks + [backup]
     callbacks += arm(kill, model)
     history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
@@ -247,9 +266,15 @@ def main(argv=None):
                         help="BackupAndRestore(double_checkpoint=False)")
     parser.add_argument("--backup-first", action="store_true",
                         help="put BackupAndRestore before the method's callbacks")
+    parser.add_argument("--reference", metavar="NPZ",
+                        help="first run the training uninterrupted, without backup, and save its end state here")
     args = parser.parse_args(argv)
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     enable_determinism()
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.reference:
+        end_state, update_steps = reference(args.method)
+        np.savez(args.reference, *end_state, update_steps=np.array(update_steps, dtype="int64"))
     run(args.method, args.workdir, save_freq, args.kill,
         double_checkpoint=not args.single_checkpoint, backup_first=args.backup_first)
 
