@@ -7,6 +7,7 @@ the TensorFlow, JAX and PyTorch backends.
 """
 
 from rigl_keras.audit import SparsityInvariantError, check_sparsity
+from rigl_keras.backup import AtomicBackupAndRestore
 from rigl_keras.callbacks import (
     DynamicSparseCallback,
     GradientSource,
@@ -55,6 +56,7 @@ from rigl_keras.sparsify import (
 __version__ = "0.2.0"
 
 __all__ = [
+    "AtomicBackupAndRestore",
     "MaskedDense",
     "MaskedEinsumDense",
     "MaskedConv1D",

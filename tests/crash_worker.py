@@ -4,7 +4,7 @@ The child process of `tests/test_crash.py` (also importable, so that a test can
 run the same training in its own process):
 
     python tests/crash_worker.py METHOD WORKDIR [--save-freq epoch|N] [--kill SPEC]
-                                 [--single-checkpoint] [--backup-first] [--reference NPZ]
+                                 [--single-checkpoint] [--backup-first] [--atomic] [--reference NPZ]
 
 trains METHOD (static, snip, set, snfs, rigl, prune) on a tiny MLP and synthetic
 data (3 epochs × 4 steps; masks change after optimizer steps 2, 4, 6 and 8,
@@ -27,6 +27,12 @@ backup. SPEC says where the process SIGKILLs itself (N is the value of
   cleanup    in `fit`'s last moment, when `BackupAndRestore` deletes its
              directory: after the weights files are deleted, before the
              metadata file is.
+
+With --atomic the backup is `rigl_keras.AtomicBackupAndRestore`, and the kill
+points are its own: write:N inside its weights file (`backup-K.weights.h5`),
+between:N after that file is written and synced, before the metadata commit,
+meta:N inside the write of the temporary metadata file, and cleanup after
+`fit`'s deletion of the backup removed the metadata, before the rest.
 
 Every kill is an `os.kill(os.getpid(), signal.SIGKILL)`: no Python cleanup runs.
 """
@@ -180,7 +186,47 @@ class KillAtStep(keras.callbacks.Callback):
             _die()
 
 
-def arm(kill: str | None, model) -> list:
+def _arm_atomic(kind: str, at_step) -> list:
+    from keras.src.saving import saving_lib
+
+    from rigl_keras import backup
+
+    if kind == "write":
+        original = saving_lib.H5IOStore.__setitem__
+        written = {}
+
+        def setitem(store, key, value):
+            original(store, key, value)
+            name = os.path.basename(str(store.path_or_io))
+            if name.startswith("backup-") and at_step():
+                written[id(store)] = written.get(id(store), 0) + 1
+                if written[id(store)] == WRITES_BEFORE_KILL:
+                    _die()
+
+        saving_lib.H5IOStore.__setitem__ = setitem
+    elif kind in ("between", "meta"):
+        original_write = backup.write_file_atomically
+
+        def write(path, data):
+            if at_step():
+                if kind == "meta":
+                    with open(path + ".tmp", "wb") as f:
+                        f.write(data[: len(data) // 2])
+                _die()
+            original_write(path, data)
+
+        backup.write_file_atomically = write
+    elif kind == "cleanup":
+        def remove_tree(path):  # the metadata is already gone
+            _die()
+
+        backup._remove_tree = remove_tree
+    else:
+        raise ValueError(f"unknown kill point {kind!r}")
+    return []
+
+
+def arm(kill: str | None, model, atomic: bool = False) -> list:
     """Installs the kill described by `kill`; returns callbacks to append (after the backup)."""
     if not kill:
         return []
@@ -194,6 +240,8 @@ def arm(kill: str | None, model) -> list:
     def at_step():
         return int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == int(arg)
 
+    if atomic:
+        return _arm_atomic(kind, at_step)
     if kind == "write":
         original = saving_lib.H5IOStore.__setitem__
         written = {}
@@ -236,7 +284,8 @@ def arm(kill: str | None, model) -> list:
 
 
 def run(method: str, workdir: str, save_freq="epoch", kill: str | None = None,
-        double_checkpoint: bool = True, backup_first: bool = False, delete_checkpoint: bool = True):
+        double_checkpoint: bool = True, backup_first: bool = False, delete_checkpoint: bool = True,
+        atomic: bool = False):
     """Trains `method` with a backup in `workdir` (resuming from it), killed as `kill` says.
 
     Returns the trained model, also saved as `workdir/final.keras`; its
@@ -244,11 +293,15 @@ def run(method: str, workdir: str, save_freq="epoch", kill: str | None = None,
     """
     model, callbacks = build(method)
     x, y = data()
-    backup = keras.callbacks.BackupAndRestore(
-        os.path.join(workdir, "backup"), save_freq=save_freq, double_checkpoint=double_checkpoint,
-        delete_checkpoint=delete_checkpoint)
+    if atomic:
+        backup = rk.AtomicBackupAndRestore(os.path.join(workdir, "backup"), save_freq=save_freq,
+                                           delete_checkpoint=delete_checkpoint)
+    else:
+        backup = keras.callbacks.BackupAndRestore(
+            os.path.join(workdir, "backup"), save_freq=save_freq,
+            double_checkpoint=double_checkpoint, delete_checkpoint=delete_checkpoint)
     callbacks = [backup] + callbacks if backup_first else callbacks + [backup]
-    callbacks += arm(kill, model)
+    callbacks += arm(kill, model, atomic)
     history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
                         callbacks=callbacks)
     model.epochs_run = len(history.history.get("loss", []))
@@ -266,6 +319,8 @@ def main(argv=None):
                         help="BackupAndRestore(double_checkpoint=False)")
     parser.add_argument("--backup-first", action="store_true",
                         help="put BackupAndRestore before the method's callbacks")
+    parser.add_argument("--atomic", action="store_true",
+                        help="rigl_keras.AtomicBackupAndRestore instead of Keras' BackupAndRestore")
     parser.add_argument("--reference", metavar="NPZ",
                         help="first run the training uninterrupted, without backup, and save its end state here")
     args = parser.parse_args(argv)
@@ -276,7 +331,8 @@ def main(argv=None):
         end_state, update_steps = reference(args.method)
         np.savez(args.reference, *end_state, update_steps=np.array(update_steps, dtype="int64"))
     run(args.method, args.workdir, save_freq, args.kill,
-        double_checkpoint=not args.single_checkpoint, backup_first=args.backup_first)
+        double_checkpoint=not args.single_checkpoint, backup_first=args.backup_first,
+        atomic=args.atomic)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class Scenario:
     kills: tuple
     single_checkpoint: bool = False
     backup_first: bool = False
+    atomic: bool = False  # rigl_keras.AtomicBackupAndRestore instead of Keras' BackupAndRestore
 
     @property
     def freq(self):
@@ -83,9 +84,17 @@ LIMITS = {
     "clean-up": Scenario("set", "epoch", ("cleanup",)),
     "snip-backup-first": Scenario("snip", "1", ("write:2",), backup_first=True),
 }
+# The same windows with rigl_keras.AtomicBackupAndRestore: each must resume exactly.
+ATOMIC = {
+    "atomic-first-write": Scenario("rigl", "epoch", ("write:4",), atomic=True),
+    "atomic-write": Scenario("rigl", "epoch", ("write:8",), atomic=True),
+    "atomic-between-files": Scenario("rigl", "epoch", ("between:8",), atomic=True),
+    "atomic-metadata-write": Scenario("rigl", "epoch", ("meta:8",), atomic=True),
+    "atomic-clean-up": Scenario("set", "epoch", ("cleanup",), atomic=True),
+}
 limits_only_on_jax = pytest.mark.skipif(
     BACKEND != "jax", reason="Keras' BackupAndRestore file handling, the same on every backend: tested on JAX")
-SCENARIOS = {**EPOCH, **STEP, **LIMITS}
+SCENARIOS = {**EPOCH, **STEP, **LIMITS, **ATOMIC}
 
 
 def _backup_files(workdir):
@@ -117,6 +126,7 @@ def _run_children(scenario, workdir, cache_root):
                    workdir, "--save-freq", scenario.save_freq, "--kill", kill]
         command += ["--single-checkpoint"] * scenario.single_checkpoint
         command += ["--backup-first"] * scenario.backup_first
+        command += ["--atomic"] * scenario.atomic
         if i == 0 and scenario.save_freq == "epoch" and not scenario.backup_first:
             # The uninterrupted run, in a process of its own, computed where it costs least.
             command += ["--reference", os.path.join(workdir, "reference.npz")]
@@ -138,7 +148,7 @@ def children(request, tmp_path_factory):
     for item in request.session.items:
         name = getattr(getattr(item, "callspec", None), "params", {}).get("scenario")
         if item.module is request.module and name in SCENARIOS and name not in names:
-            if BACKEND == "jax" or name not in LIMITS:
+            if BACKEND == "jax" or (name not in LIMITS and name not in ATOMIC):
                 names.append(name)
     base = tmp_path_factory.mktemp("crash")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
@@ -195,7 +205,8 @@ def require_invariants(method, workdir):
 def resume(name, workdir, **overrides):
     """Restarts scenario `name` here, as its script would be restarted; returns the model."""
     scenario = SCENARIOS[name]
-    options = dict(double_checkpoint=not scenario.single_checkpoint, backup_first=scenario.backup_first)
+    options = dict(double_checkpoint=not scenario.single_checkpoint, backup_first=scenario.backup_first,
+                   atomic=scenario.atomic)
     return worker.run(scenario.method, workdir, scenario.freq, **(options | overrides))
 
 
@@ -369,3 +380,33 @@ def test_snip_resumed_from_a_backup_taken_before_its_pruning_refuses_to_train_de
     require_interrupted_write(record)
     with pytest.raises(ValueError, match="before SNIP's pruning step"):
         resume(scenario, workdir)
+
+
+@limits_only_on_jax
+@pytest.mark.parametrize("scenario", sorted(ATOMIC))
+def test_atomic_backup_resumes_exactly_wherever_the_process_is_killed(scenario, children, deterministic):
+    """AtomicBackupAndRestore closes every window above: killed inside the first or a later
+    weights write, between the weights file and the metadata commit, inside the metadata
+    write, or during the clean-up at the end of fit, the rerun ends exactly where an
+    uninterrupted run ends (from the last complete backup, or from scratch)."""
+    workdir, [record] = killed(children, scenario)
+    files = record["backup"]
+    if scenario == "atomic-clean-up":
+        require("training_metadata.json" not in files, files)  # removed first
+    else:
+        require(any(name.startswith("backup-") for name in files), files)
+    model = resume(scenario, workdir)
+    method = SCENARIOS[scenario].method
+    assert_same_state(reference(method, workdir), worker.state(model))
+    assert_invariants(method, workdir)
+
+
+def test_atomic_backup_refuses_a_keras_backup_directory(tmp_path):
+    import json
+
+    (tmp_path / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    model, _ = worker.build("static")
+    callback = rk.AtomicBackupAndRestore(str(tmp_path))
+    callback.set_model(model)
+    with pytest.raises(ValueError, match="not written by AtomicBackupAndRestore"):
+        callback.on_train_begin()
