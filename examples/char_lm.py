@@ -118,16 +118,16 @@ def define_flags(flag_values=None) -> None:
     """Defines this script's flags (only when it runs as a program)."""
     from absl import flags
 
-    fv = flag_values or flags.FLAGS
+    fv = flags.FLAGS if flag_values is None else flag_values  # an empty FlagValues is falsy
     d = Config()
-    flags.DEFINE_enum("method", d.method, list(METHODS), "Training method.", flag_values=fv)
-    flags.DEFINE_float("sparsity", d.sparsity,
-                       "Overall sparsity S of the GRU kernels and the output layer "
-                       "(ignored by dense).", flag_values=fv)
-    flags.DEFINE_enum("distribution", d.distribution, ["uniform", "er", "erk"],
-                      "Per-weight sparsity distribution.", flag_values=fv)
-    flags.DEFINE_integer("seed", d.seed, "Random seed (weights, masks, data order).",
-                         flag_values=fv)
+    # The method and schedule flags shared with the Fashion-MNIST scripts.
+    common.define_method_flags(
+        fv, multiplier=False, method=d.method, sparsity=d.sparsity,
+        distribution=d.distribution, seed=d.seed, delta_t=d.delta_t, alpha=d.alpha,
+        decay=d.decay, output_dir=d.output_dir)
+    common.define_schedule_flags(
+        fv, end_step=d.end_step, prune_begin_step=d.prune_begin_step,
+        prune_end_step=d.prune_end_step, prune_frequency=d.prune_frequency)
     flags.DEFINE_integer("steps", d.steps, "Training steps.", flag_values=fv)
     flags.DEFINE_integer("units", d.units, "GRU units (Small-Dense scales them).",
                          flag_values=fv)
@@ -144,20 +144,6 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_float("clipnorm", d.clipnorm,
                        "Clip the global gradient norm to this (0: no clipping).",
                        flag_values=fv)
-    flags.DEFINE_integer("delta_t", d.delta_t, "Steps between connectivity updates (ΔT).",
-                         flag_values=fv)
-    flags.DEFINE_float("alpha", d.alpha, "Initial drop/grow fraction α.", flag_values=fv)
-    flags.DEFINE_enum("decay", d.decay, ["cosine", "constant"],
-                      "Decay of the drop fraction.", flag_values=fv)
-    flags.DEFINE_float("end_step", d.end_step, "T_end as a fraction of the run's steps.",
-                       flag_values=fv)
-    flags.DEFINE_float("prune_begin_step", d.prune_begin_step,
-                       "prune: first pruning step, as a fraction of the run.", flag_values=fv)
-    flags.DEFINE_float("prune_end_step", d.prune_end_step,
-                       "prune: step at which the final sparsity is reached, as a fraction "
-                       "of the run.", flag_values=fv)
-    flags.DEFINE_integer("prune_frequency", d.prune_frequency,
-                         "prune: steps between pruning events.", flag_values=fv)
     flags.DEFINE_string("source", d.source,
                         "Corpus: auto, kjv, file, or tfds:NAME (see examples/text_data.py).",
                         flag_values=fv)
@@ -172,11 +158,9 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_integer("eval_chars", d.eval_chars,
                          "Evaluate on the first N characters of the split (0: all).",
                          flag_values=fv)
-    flags.DEFINE_string("output_dir", d.output_dir,
-                        "Directory for results.json (nothing is written if unset).",
-                        flag_values=fv)
     flags.DEFINE_integer("verbose", d.verbose, "Keras fit verbosity (0, 1 or 2).",
                          flag_values=fv)
+    common.declare_main_key_flags(fv)  # --help lists the shared flags too
 
 
 # ---------------------------------------------------------------------------

@@ -200,6 +200,7 @@ def build_method(config, build_fn, *, end_step, prune_begin_step,
         alpha=config.alpha,
         end_step=end_step,
         decay=config.decay,
+        **_timing(config),
         grow_data=grow_data if method.uses_gradients else None,
         prune_begin_step=prune_begin_step,
         prune_end_step=prune_end_step,
@@ -233,7 +234,7 @@ def _build_with_layer_sparsities(method, config, build_fn, custom_sparsity, dens
     model = rk.sparsify(dense, sparsity, distribution, seed=seed, **layers,
                         capture_gradients=method.uses_gradients and grow_data is None)
     schedule = dict(delta_t=config.delta_t, alpha=config.alpha, end_step=end_step,
-                    decay=config.decay, seed=seed)
+                    decay=config.decay, seed=seed, **_timing(config))
     if method.name == "static":
         return model, [baselines.StaticCallback()]
     if method.name == "snip":
@@ -246,6 +247,12 @@ def _build_with_layer_sparsities(method, config, build_fn, custom_sparsity, dens
     if method.name == "rigl":
         return model, [rk.RigLCallback(grow_data=grow_data, **schedule)]
     raise ValueError(f"Method {method.name!r} does not take per-layer sparsities.")
+
+
+def _timing(config) -> dict:
+    """{"timing": ...} for configs that have a non-default update timing, else {}."""
+    timing = getattr(config, "timing", "keras")
+    return {} if timing == "keras" else {"timing": timing}
 
 
 def layer_sparsity(model) -> dict:
@@ -450,7 +457,7 @@ def run_and_report(config_class, run, flag_values=None, make_config=None) -> dic
     """
     from absl import flags as absl_flags
 
-    flag_values = flag_values or absl_flags.FLAGS
+    flag_values = absl_flags.FLAGS if flag_values is None else flag_values
     config = (make_config(flag_values) if make_config
               else config_from_flags(config_class, flag_values))
     results = run(config)
@@ -462,9 +469,15 @@ def run_and_report(config_class, run, flag_values=None, make_config=None) -> dic
 
 def format_results(results: dict) -> str:
     """A short human-readable summary of a results dict."""
+    distribution = results["distribution"]
+    custom = results.get("custom_sparsity") or {}
+    if custom or results.get("dense_layers"):
+        per_layer = [f"{k} at {v:g}" for k, v in custom.items()]
+        per_layer += [f"{k} dense" for k in results.get("dense_layers") or ()]
+        distribution += "; " + ", ".join(per_layer)
     lines = [
         f"method               {results['method']}",
-        f"sparsity (target)    {results['sparsity']:g} ({results['distribution']})",
+        f"sparsity (target)    {results['sparsity']:g} ({distribution})",
         f"measured sparsity    {results['measured_sparsity']:.4f} "
         f"({results['active_params']} / {results['dense_params']} kernel weights active)",
         f"test accuracy        {results['test_accuracy']:.4f}",

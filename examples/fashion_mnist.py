@@ -38,8 +38,8 @@ from examples import data as data_lib
 
 __all__ = [
     "Config", "define_flags", "config_from_flags", "train_and_evaluate", "make_optimizer",
-    "MODELS", "PRESETS", "apply_preset", "official_mnist_preset", "lr_boundaries",
-    "resolve_step", "OFFICIAL_SMALL_DENSE_HIDDEN", "SMALL_DENSE_RULES",
+    "learning_rate_schedule", "MODELS", "PRESETS", "apply_preset", "official_mnist_preset",
+    "lr_boundaries", "resolve_step", "OFFICIAL_SMALL_DENSE_HIDDEN", "SMALL_DENSE_RULES",
 ]
 
 
@@ -62,6 +62,9 @@ class Config:
       (`rigl_keras.baselines.small_dense_width`), or "fixed": the hidden
       sizes `small_dense_hidden`, by default the official ones
       (`OFFICIAL_SMALL_DENSE_HIDDEN`).
+    * `timing`: "keras" or "official" update timing of the dynamic-sparse
+      callbacks (see `rigl_keras.UpdateSchedule`; "official" needs
+      `steps_per_execution=1`). No preset changes it.
     * `preset`: the preset `apply_preset` applied ("" for none).
     """
 
@@ -81,6 +84,7 @@ class Config:
     delta_t: int = 100
     alpha: float = 0.3
     decay: str = "cosine"
+    timing: str = "keras"
     end_step: float | int = 0.75
     multiplier: float = 1.0
     prune_begin_step: float | int = 0.0
@@ -201,9 +205,10 @@ def official_mnist_preset(method: str) -> dict:
     the output layer dense; pruning ramps the same per-layer targets from
     step 2000 to step 30000, every 500 steps.
 
-    The update timing is the library's default unless the callbacks are
-    given `timing="official"` (not set here). `steps_per_execution=100`
-    (a divisor of ΔT and of the pruning frequency) only makes it faster.
+    The update timing stays the library's default ("keras") unless
+    `timing="official"` is given too (--timing=official, which needs
+    --steps_per_execution=1); `steps_per_execution=100` (a divisor of ΔT
+    and of the pruning steps) only makes the runs faster.
     """
     return dict(
         epochs=200.0, batch_size=100, learning_rate=0.2, momentum=0.9, weight_decay=1e-4,
@@ -290,8 +295,14 @@ def define_flags(flag_values, **defaults) -> None:
                       flag_values=fv)
     flags.DEFINE_list("dense_layers", list(d["dense_layers"]),
                       "Layers (selectors) kept dense, e.g. logits.", flag_values=fv)
+    flags.DEFINE_enum("timing", d["timing"], ["keras", "official"],
+                      "Update timing of the drop/grow callbacks: keras (after optimizer "
+                      "step t, t mod ΔT = 0, 0 < t < T_end) or official (also step 0 and "
+                      "T_end, RigL's update batch not trained on; needs "
+                      "--steps_per_execution=1). Presets leave it alone.", flag_values=fv)
     flags.DEFINE_integer("steps_per_execution", d["steps_per_execution"],
-                         "Keras steps_per_execution (must divide --delta_t).", flag_values=fv)
+                         "Keras steps_per_execution (must divide --delta_t; only speed; "
+                         "1 on the PyTorch backend).", flag_values=fv)
     flags.DEFINE_enum("small_dense_rule", d["small_dense_rule"], list(SMALL_DENSE_RULES),
                       "small_dense: match the sparse model's parameter count (params), its "
                       "storage bits with one bit per mask entry (storage, the official "
@@ -339,7 +350,7 @@ def config_from_flags(flag_values) -> Config:
     config.small_dense_hidden = common.parse_ints(config.small_dense_hidden)
     config.preset = config.preset or ""
     explicit = [f.name for f in dataclasses.fields(Config)
-                if f.name in flag_values and flag_values[f.name].present]
+                if f.name != "preset" and f.name in flag_values and flag_values[f.name].present]
     return apply_preset(config, config.preset, keep=explicit)
 
 
@@ -388,8 +399,23 @@ def make_optimizer(config: Config, total_steps: int, warmup_steps: int = 0,
       steps_per_epoch: for the piecewise schedule (its drops are in epochs).
 
     Raises:
+      ValueError: as `learning_rate_schedule`.
+    """
+    lr = learning_rate_schedule(config, total_steps, warmup_steps, steps_per_epoch)
+    return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=True)
+
+
+def learning_rate_schedule(config: Config, total_steps: int, warmup_steps: int = 0,
+                           steps_per_epoch: int | None = None):
+    """The learning rate (a float or a Keras schedule) of `config.lr_schedule`.
+
+    Args:
+      as `make_optimizer`.
+
+    Raises:
       ValueError: for an unknown schedule, or a piecewise one without drop
-        epochs, steps per epoch, or with a drop factor <= 0.
+        epochs or steps per epoch, with drops that do not increase, or with a
+        drop factor <= 0.
     """
     lr = config.learning_rate
     if config.lr_schedule == "cosine":
@@ -416,7 +442,7 @@ def make_optimizer(config: Config, total_steps: int, warmup_steps: int = 0,
             boundaries, [lr / config.lr_drop_factor ** i for i in range(len(boundaries) + 1)])
     elif config.lr_schedule != "constant":
         raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}.")
-    return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=True)
+    return lr
 
 
 def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -> dict:
@@ -494,11 +520,14 @@ def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -
         small_dense_rule=config.small_dense_rule, small_dense_build=small_dense_build,
     )
     dense_model = build_fn(1.0) if config.method == "small_dense" else None
+    # steps_per_execution only changes speed; Keras' PyTorch trainer takes only 1.
+    steps_per_execution = 1 if keras.backend.backend() == "torch" else int(
+        config.steps_per_execution)
     model.compile(
         optimizer=make_optimizer(config, total_steps, warmup_steps, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        steps_per_execution=int(config.steps_per_execution),
+        steps_per_execution=steps_per_execution,
     )
     connectivity_before = common.first_layer_connectivity(model)
     history = model.fit(
@@ -541,13 +570,14 @@ def train_and_evaluate(config: Config, data: data_lib.ArrayData | None = None) -
         "custom_sparsity": custom_sparsity,
         "dense_layers": list(config.dense_layers),
         "layer_sparsity": common.layer_sparsity(model),
-        "steps_per_execution": int(config.steps_per_execution),
+        "steps_per_execution": steps_per_execution,
         "prune_steps": ([prune_begin, prune_end, int(config.prune_frequency)]
                         if config.method == "prune" else []),
         "warmup_epochs": float(config.warmup_epochs),
         "weight_decay": float(config.weight_decay),
         "delta_t": config.delta_t,
         "alpha": config.alpha,
+        "timing": config.timing,
         "end_step": end_step,
         "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "train_examples": n_train,

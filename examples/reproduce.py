@@ -98,6 +98,7 @@ class SweepConfig:
     plot_connectivity: bool = False
     verbose: int = 0
     small_dense_rule: str = "params"
+    timing: str = "keras"
     preset: str = ""
     #: Fields that win over the preset (flags given explicitly).
     keep: tuple[str, ...] = ()
@@ -154,6 +155,10 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                       list(fashion_mnist.SMALL_DENSE_RULES),
                       "How Small-Dense is sized (see fashion_mnist_mlp.py --help).",
                       flag_values=fv)
+    flags.DEFINE_enum("timing", d.timing, ["keras", "official"],
+                      "Update timing of the drop/grow callbacks (official needs "
+                      "steps_per_execution 1; see fashion_mnist_mlp.py --help). No preset "
+                      "changes it.", flag_values=fv)
     flags.DEFINE_enum("preset", None, sorted(fashion_mnist.PRESETS),
                       "Run every run in a preset regime (see fashion_mnist.PRESETS); "
                       "flags given explicitly win over it.", flag_values=fv)
@@ -179,7 +184,7 @@ def config_from_flags(flag_values) -> SweepConfig:
                 setattr(config, name, value)
     run_fields = {f.name for f in dataclasses.fields(fashion_mnist.Config)}
     config.keep = tuple(f.name for f in dataclasses.fields(SweepConfig)
-                        if f.name in run_fields and f.name in flag_values
+                        if f.name in run_fields and f.name != "preset" and f.name in flag_values
                         and flag_values[f.name].present)
     return config
 
@@ -218,9 +223,12 @@ def _resolved_config(config: SweepConfig, spec: RunSpec) -> fashion_mnist.Config
         end_step=config.end_step, multiplier=config.multiplier, seed=spec.seed,
         data_dir=config.data_dir, train_limit=config.train_limit,
         test_limit=config.test_limit, verbose=config.verbose,
-        small_dense_rule=config.small_dense_rule,
+        small_dense_rule=config.small_dense_rule, timing=config.timing,
     )
-    return fashion_mnist.apply_preset(run, config.preset, keep=config.keep)
+    run = fashion_mnist.apply_preset(run, config.preset, keep=config.keep)
+    if run.timing == "official":
+        run.steps_per_execution = 1  # the official timing updates around single batches
+    return run
 
 
 def run_config(config: SweepConfig, spec: RunSpec) -> fashion_mnist.Config:
@@ -235,6 +243,11 @@ _NOT_HASHED = ("output_dir", "data_dir", "verbose", "seed", "method", "sparsity"
                "multiplier", "epochs", "preset")
 
 
+#: Fields added after the first preset sweeps: hashed only away from these
+#: values, so that earlier runs keep their ids.
+_HASHED_UNLESS = {"timing": "keras"}
+
+
 def run_id(config: SweepConfig, spec: RunSpec) -> str:
     """A name for a run that changes whenever anything that affects its result does."""
     if config.preset:
@@ -244,7 +257,8 @@ def run_id(config: SweepConfig, spec: RunSpec) -> str:
             f"-m{run.multiplier:g}-e{run.epochs:g}-seed{spec.seed}"
         )
         rest = tuple((f.name, getattr(run, f.name)) for f in dataclasses.fields(run)
-                     if f.name not in _NOT_HASHED)
+                     if f.name not in _NOT_HASHED
+                     and _HASHED_UNLESS.get(f.name, object()) != getattr(run, f.name))
         return f"{readable}-{hashlib.sha1(repr(rest).encode()).hexdigest()[:6]}"
     readable = (
         f"{config.model}-{spec.method}-{config.distribution}-s{spec.sparsity:g}"
@@ -255,6 +269,8 @@ def run_id(config: SweepConfig, spec: RunSpec) -> str:
             config.weight_decay, config.warmup_epochs)
     if config.small_dense_rule != "params" and spec.method == "small_dense":
         rest += (config.small_dense_rule,)
+    if config.timing != "keras":
+        rest += (config.timing,)
     digest = hashlib.sha1(repr(rest).encode()).hexdigest()[:6]
     return f"{readable}-{digest}"
 
@@ -424,7 +440,7 @@ def settings_line(config: SweepConfig, steps=()) -> str:
             + f"; ΔT = {run.delta_t}, α = {run.alpha:g} ({run.decay}), T_end = step "
             f"{run.end_step}; pruning from step {run.prune_begin_step} to "
             f"{run.prune_end_step} every {run.prune_frequency} steps; "
-            f"steps_per_execution {run.steps_per_execution}.")
+            f"{run.timing} update timing; steps_per_execution {run.steps_per_execution}.")
     return (
         f"Settings: {config.epochs:g} epochs × M = {config.multiplier:g}{steps}, "
         f"batch {config.batch_size}, "
@@ -432,7 +448,8 @@ def settings_line(config: SweepConfig, steps=()) -> str:
         + (f", {config.warmup_epochs:g} warm-up epochs" if config.warmup_epochs else "")
         + f"), weight decay {config.weight_decay:g}, "
         f"{config.distribution.upper()} sparsity distribution, ΔT = {config.delta_t}, "
-        f"α = {config.alpha:g}, T_end = {config.end_step:g} of the run.")
+        f"α = {config.alpha:g}, T_end = {config.end_step:g} of the run"
+        + (f", {config.timing} update timing." if config.timing != "keras" else "."))
 
 
 def markdown_table(config: SweepConfig, rows: list[dict]) -> str:

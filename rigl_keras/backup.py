@@ -64,6 +64,11 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     epoch granularity (`save_freq="epoch"`); a step `save_freq` restarts the
     interrupted epoch from its first batch.
 
+    A step backup due after a batch is written when the next batch begins
+    (or the epoch ends), once every callback has finished that batch: a
+    connectivity update made by a sparse-training callback listed after this
+    one is in the backup, whatever the order of the list.
+
     Local file systems only (it uses `os` directly, not `tf.io.gfile`). A
     directory written by Keras' `BackupAndRestore` is not read.
 
@@ -83,6 +88,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                          delete_checkpoint=delete_checkpoint)
         self._metadata_path = os.path.join(backup_dir, _METADATA)
         self._saves = 0
+        self._due = False
 
     def get_config(self) -> dict:
         """The constructor arguments."""
@@ -90,7 +96,24 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 "delete_checkpoint": self.delete_checkpoint}
 
     def on_train_begin(self, logs=None):
+        self._due = False
         self._load_model()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._should_save_on_batch(batch):
+            self._due = True  # written once every callback is done with this batch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._save_if_due()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save_if_due()
+        super().on_epoch_end(epoch, logs)
+
+    def _save_if_due(self):
+        if self._due:
+            self._due = False
+            self._save_model()
 
     def _load_model(self):
         if not self.model.built:

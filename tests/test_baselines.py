@@ -359,20 +359,106 @@ def test_polynomial_schedule_values():
     assert s.is_prune_step(100) and s.is_prune_step(1100) and not s.is_prune_step(150)
 
 
-def test_small_dense_width_on_lenet_300_100():
-    def lenet(w):
-        return keras.Sequential([
-            keras.Input((784,)),
-            keras.layers.Dense(max(1, round(300 * w))),
-            keras.layers.Dense(max(1, round(100 * w))),
-            keras.layers.Dense(10),
-        ])
+def lenet(w):
+    return keras.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(max(1, round(300 * w)), name="fc1"),
+        keras.layers.Dense(max(1, round(100 * w)), name="fc2"),
+        keras.layers.Dense(10, name="logits"),
+    ])
 
+
+def tiny(w):
+    # 10 -> h -> 5 with h = round(20 w): 16 h + 5 parameters; kernels 200 + 100 at w = 1.
+    return keras.Sequential([
+        keras.Input((10,)),
+        keras.layers.Dense(max(1, round(20 * w)), name="hidden"),
+        keras.layers.Dense(5, name="out"),
+    ])
+
+
+def hidden_units(width):
+    return tiny(width).get_layer("hidden").units
+
+
+def test_small_dense_width_on_lenet_300_100():
     w = baselines.small_dense_width(lenet, 0.9)
     # Sparse parameters: 10% of 266,200 kernel weights + 410 biases = 27,030.
     # 30000 w^2 + 236600 w + 10 = 27030 gives w = 0.1126.
     assert w == pytest.approx(0.1126, abs=0.002)
     assert lenet(w).count_params() == pytest.approx(27030, rel=0.01)
+    # The default rule is "params" and ignores masks.
+    assert baselines.small_dense_width(lenet, 0.9, "params") == w
+
+
+def test_small_dense_rules_hand_computed_on_a_tiny_model():
+    # S = 0.9 on every kernel: a = (200 − 180) + (100 − 90) = 30 active, 25 biases.
+    # params:  P* = 25 + 30 = 55            -> 16 h + 5 = 55   -> h = 3 (53) beats 4 (69).
+    # storage: P* = 55 + 300 mask bits / 32 = 64.375 -> h = 4 (69, off 4.6) beats 3 (53, off 11.4).
+    assert hidden_units(baselines.small_dense_width(tiny, 0.9)) == 3
+    assert hidden_units(baselines.small_dense_width(tiny, 0.9, "storage")) == 4
+    # 8-bit parameters make the 300 mask bits weigh 37.5 parameters:
+    # S = 0.5: a = 100 + 50 = 150, P* = 175 (params, h = 11: 181) or 212.5 (h = 13: 213).
+    assert hidden_units(baselines.small_dense_width(tiny, 0.5)) == 11
+    assert hidden_units(baselines.small_dense_width(tiny, 0.5, "storage", param_bits=8)) == 13
+    # A dense layer stores no mask: only hidden's 200 mask bits count.
+    # S = 0.9, "out" dense: a = 20 + 100 = 120, P* = 145 + 200 / 8 = 170 -> h = 10 (165).
+    assert hidden_units(baselines.small_dense_width(
+        tiny, 0.9, "storage", dense_layers=["out"], param_bits=8)) == 10
+    # A custom per-layer sparsity: hidden at 0.5, out at 0.9 -> a = 100 + 10 = 110, P* = 135,
+    # h = 8 (133).
+    assert hidden_units(baselines.small_dense_width(
+        tiny, 0.9, custom_sparsity={"hidden": 0.5})) == 8
+
+
+def test_small_dense_storage_rule_can_exceed_the_dense_width():
+    # 1-bit parameters: the masks (300 bits) cost as much as 300 parameters, so at
+    # S = 0.01 (a = 198 + 99 = 297) P* = 25 + 297 + 300 = 622 -> h = 39 (629) > 20.
+    width = baselines.small_dense_width(tiny, 0.01, "storage", param_bits=1)
+    assert width > 1.0 and hidden_units(width) == 39
+
+
+def lenet_sizes(width):
+    model = lenet(width)
+    return model.get_layer("fc1").units, model.get_layer("fc2").units
+
+
+def test_small_dense_rules_on_lenet_at_the_official_sparsities():
+    # One multiplier moves both widths (round(300 w), round(100 w)); near the targets
+    # the reachable sizes and their parameter counts 785·h1 + h1·h2 + 11·h2 + 10 are
+    # (7, 2): 5,541   (8, 3): 6,347   (11, 4): 8,733   (12, 4): 9,522   (13, 4): 10,307
+    # (17, 6): 13,523 (18, 6): 14,308 (22, 7): 17,511  (23, 8): 18,337.
+    # params at S = 0.98, every kernel at S: 4,704 + 600 + 20 active + 410 biases = 5,734
+    # (the official MLP config's comment) -> (7, 2). The official config uses (8, 8) instead.
+    assert lenet_sizes(baselines.small_dense_width(lenet, 0.98)) == (7, 2)
+    # storage: + 266,200 mask bits / 32 = 8,318.75 -> 14,052.75 -> (18, 6).
+    assert lenet_sizes(baselines.small_dense_width(lenet, 0.98, "storage")) == (18, 6)
+    # The official MNIST map (fc1 at S, fc2 at 0.9·S, logits dense):
+    # 4,704 + (30,000 − 26,460) + 1,000 = 9,244 active + 410 = 9,654 -> (12, 4);
+    # storage adds (235,200 + 30,000) / 32 = 8,287.5 (logits has no mask) -> 17,941.5
+    # -> (23, 8).
+    layers = dict(custom_sparsity={"fc1": 0.98, "fc2": 0.98 * 0.9}, dense_layers=["logits"])
+    assert lenet_sizes(baselines.small_dense_width(
+        lenet, 0.98, distribution="uniform", **layers)) == (12, 4)
+    assert lenet_sizes(baselines.small_dense_width(
+        lenet, 0.98, "storage", distribution="uniform", **layers)) == (23, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rule="bits"), "`rule`"),
+    (dict(rule=None), "`rule`"),
+    (dict(param_bits=0), "`param_bits`"),
+    (dict(param_bits=8.0), "`param_bits`"),
+    (dict(distribution="gaussian"), "`distribution`"),
+    (dict(custom_sparsity={"nope": 0.5}), "custom_sparsity"),
+    (dict(sparsity=1.0), "sparsity"),
+    (dict(build_fn=None), "`build_fn`"),
+])
+def test_small_dense_width_rejects_bad_arguments(kwargs, match):
+    args = dict(build_fn=tiny, sparsity=0.9)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        baselines.small_dense_width(**args)
 
 
 def build_small(width):

@@ -49,6 +49,42 @@ def small_config(**overrides):
     return char_lm.Config(**values)
 
 
+# --- flags ------------------------------------------------------------------
+
+
+def test_flags_shared_with_the_fashion_mnist_scripts_map_to_the_config():
+    from absl import flags
+
+    from examples import common
+
+    flag_values = flags.FlagValues()  # empty, hence falsy: must still be used
+    char_lm.define_flags(flag_values)
+    flag_values(["prog", "--method=set", "--sparsity=0.9", "--end_step=0.5",
+                 "--prune_begin_step=0.1", "--prune_frequency=7", "--steps=30"])
+    config = common.config_from_flags(char_lm.Config, flag_values)
+    assert (config.method, config.sparsity, config.end_step, config.prune_begin_step,
+            config.prune_frequency, config.steps) == ("set", 0.9, 0.5, 0.1, 7, 30)
+    assert config.delta_t == 100 and config.distribution == "erk"
+    assert "multiplier" not in flag_values  # steps, not epochs: no training multiplier
+    # The shared flags are defined once, in examples/common.py.
+    shared = {f.name for f in flag_values.flags_by_module_dict()["examples.common"]}
+    assert {"method", "sparsity", "delta_t", "alpha", "decay", "end_step", "prune_begin_step",
+            "prune_end_step", "prune_frequency", "seed", "output_dir"} <= shared
+
+
+def test_help_lists_the_shared_flags():
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, os.path.join("examples", "char_lm.py"), "--help"], cwd=REPO,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
+        timeout=120,
+    )
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # absl's --help exits 1
+    for flag in ("--method", "--end_step", "--prune_frequency", "--steps", "--units"):
+        assert f"  {flag}:" in done.stdout, (flag, done.stdout[-1500:])
+
+
 # --- data -------------------------------------------------------------------
 
 

@@ -410,3 +410,25 @@ def test_atomic_backup_refuses_a_keras_backup_directory(tmp_path):
     callback.set_model(model)
     with pytest.raises(ValueError, match="not written by AtomicBackupAndRestore"):
         callback.on_train_begin()
+
+
+@pytest.mark.parametrize("backup_class", ["keras", "atomic"])
+def test_step_backup_listed_first_holds_the_update_of_its_step_only_with_the_atomic_backup(
+        backup_class, tmp_path):
+    model, _ = worker.build("rigl")
+    rigl = rk.RigLCallback(delta_t=2, end_step=10)  # updates after steps 2 and 4
+    directory = str(tmp_path / "backup")
+    backup = (rk.AtomicBackupAndRestore(directory, save_freq=1, delete_checkpoint=False)
+              if backup_class == "atomic" else
+              keras.callbacks.BackupAndRestore(directory, save_freq=1, delete_checkpoint=False))
+    x, y = worker.data()
+    model.fit(x, y, batch_size=worker.BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[backup, rigl])
+    [name] = [n for n in os.listdir(directory) if n.endswith(".weights.h5")]
+    restored, _ = worker.build("rigl")
+    restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(os.path.join(directory, name))
+    assert steps(restored) == 4
+    same = all(np.array_equal(keras.ops.convert_to_numpy(a.mask), keras.ops.convert_to_numpy(b.mask))
+               for a, b in zip(rk.masked_weights(model), rk.masked_weights(restored)))
+    # Keras' backup of step 4 was written before the update of step 4 ran.
+    assert same == (backup_class == "atomic")

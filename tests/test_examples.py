@@ -302,6 +302,184 @@ def test_flags_of_every_script_map_to_configs():
 
 
 # ---------------------------------------------------------------------------
+# The official MNIST regime (--preset=official_mnist) and Small-Dense rules
+# ---------------------------------------------------------------------------
+
+
+def parse_mlp_flags(*argv):
+    flag_values = flags.FlagValues()
+    fashion_mnist_mlp.define_flags(flag_values)
+    flag_values(["prog", *argv])
+    return fashion_mnist.config_from_flags(flag_values)
+
+
+def test_official_mnist_preset_sets_the_official_regime():
+    # rigl/mnist/mnist_train_eval.py's flag defaults.
+    config = parse_mlp_flags("--preset=official_mnist", "--method=rigl", "--sparsity=0.98")
+    expected = dict(
+        preset="official_mnist", epochs=200.0, batch_size=100, learning_rate=0.2,
+        momentum=0.9, weight_decay=1e-4, lr_schedule="piecewise", lr_drop_factor=3.0,
+        lr_drop_epochs=(75.0, 95.0), delta_t=100, alpha=0.3, decay="cosine", end_step=50000,
+        prune_begin_step=2000, prune_end_step=30000, prune_frequency=500,
+        sparsity_scales=(("fc1", 1.0), ("fc2", 0.9)), dense_layers=("logits",),
+        steps_per_execution=100, method="rigl", sparsity=0.98,
+    )
+    for key, value in expected.items():
+        assert getattr(config, key) == value, key
+    assert isinstance(config.end_step, int) and isinstance(config.prune_begin_step, int)
+    # The dense baseline drops at epochs 60, 70, 80 in the official code.
+    assert parse_mlp_flags("--preset=official_mnist", "--method=dense").lr_drop_epochs == (
+        60.0, 70.0, 80.0)
+    # Flags given explicitly win over the preset; the rest keeps it.
+    short = parse_mlp_flags("--preset=official_mnist", "--epochs=3", "--learning_rate=0.1",
+                            "--steps_per_execution=1")
+    assert (short.epochs, short.learning_rate, short.steps_per_execution) == (3.0, 0.1, 1)
+    assert short.end_step == 50000 and short.lr_schedule == "piecewise"
+    # Without --preset nothing changes.
+    assert parse_mlp_flags().lr_schedule == "cosine" and parse_mlp_flags().preset == ""
+    with pytest.raises(ValueError, match="Unknown preset"):
+        fashion_mnist.apply_preset(fashion_mnist.Config(), "imagenet")
+    with pytest.raises(ValueError, match="model"):
+        fashion_mnist.apply_preset(fashion_mnist.Config(model="cnn"), "official_mnist")
+
+
+def test_official_lr_schedule_steps_hand_computed():
+    # 600 steps per epoch (60,000 / 100): drops after steps 45,000 and 57,000
+    # (tf.train.piecewise_constant: the new value from boundary + 1 on).
+    config = fashion_mnist.apply_preset(fashion_mnist.Config(method="set"), "official_mnist")
+    assert fashion_mnist.lr_boundaries(config, 600) == [45000, 57000]
+    schedule = fashion_mnist.learning_rate_schedule(config, 120000, steps_per_epoch=600)
+    lr = {step: float(keras.ops.convert_to_numpy(schedule(step)))
+          for step in (0, 45000, 45001, 57000, 57001, 119999)}
+    assert lr[0] == lr[45000] == pytest.approx(0.2)
+    assert lr[45001] == lr[57000] == pytest.approx(0.2 / 3)
+    assert lr[57001] == lr[119999] == pytest.approx(0.2 / 9)
+    # Epochs scale with M: 2 × 75 × 600 = 90,000.
+    doubled = dataclasses.replace(config, multiplier=2.0)
+    assert fashion_mnist.lr_boundaries(doubled, 600) == [90000, 114000]
+    with pytest.raises(ValueError, match="lr_drop_epochs"):
+        fashion_mnist.learning_rate_schedule(dataclasses.replace(config, lr_drop_epochs=()), 10,
+                                             steps_per_epoch=600)
+    with pytest.raises(ValueError, match="increase"):
+        fashion_mnist.learning_rate_schedule(
+            dataclasses.replace(config, lr_drop_epochs=(95.0, 75.0)), 10, steps_per_epoch=600)
+
+
+def test_resolve_step_fractions_and_step_counts():
+    resolve = fashion_mnist.resolve_step
+    assert resolve(0.75, 1000, 1.0, "end_step") == 750  # fraction of the run
+    assert resolve(1.0, 1000, 1.0, "end_step") == 1000
+    assert resolve(50000, 1000, 1.0, "end_step") == 50000  # an int is a step count
+    assert resolve(50000, 1000, 2.0, "end_step") == 100000  # scaled by M
+    assert resolve(50000.0, 1000, 1.0, "end_step") == 50000  # whole float > 1, from a flag
+    with pytest.raises(ValueError, match="end_step"):
+        resolve(1.5, 1000, 1.0, "end_step")
+    with pytest.raises(ValueError, match="prune_end_step"):
+        resolve(-1, 1000, 1.0, "prune_end_step")
+
+
+def test_official_mnist_preset_trains_with_its_masks_and_schedules(idx_dir, tmp_path):
+    data = data_lib.load_fashion_mnist(idx_dir)
+    # Tiny data: 200 images, 2 steps per epoch; a short run keeps the preset's
+    # masks, lr and T_end, with ΔT and steps_per_execution shrunk to fit.
+    base = fashion_mnist.Config(method="rigl", sparsity=0.9)
+    short = dict(epochs=4.0, delta_t=2, steps_per_execution=2)
+    config = dataclasses.replace(
+        fashion_mnist.apply_preset(base, "official_mnist", keep=short), **short,
+        output_dir=str(tmp_path / "rigl"))
+    results = fashion_mnist_mlp.run(config, data=data)
+    assert results["preset"] == "official_mnist" and results["steps"] == 8
+    # fc1 at S, fc2 at 0.9·S, the output layer dense (hand-computed exact counts).
+    assert results["layer_sparsity"] == {
+        "fc1": pytest.approx(0.9), "fc2": pytest.approx(0.81), "logits": 0.0}
+    assert results["active_params"] == (235200 - 211680) + (30000 - 24300) + 1000
+    assert results["end_step"] == 50000
+    # Keras' PyTorch trainer runs one step per execution.
+    assert results["steps_per_execution"] == (1 if keras.backend.backend() == "torch" else 2)
+    assert results["lr_drop_steps"] == [150, 190]  # epochs 75, 95 × 2 steps
+    assert results["mask_updates"] == 4  # after steps 2, 4, 6, 8 (all before T_end)
+    # Pruning reaches the same per-layer targets (step counts as given).
+    prune = dataclasses.replace(
+        fashion_mnist.apply_preset(dataclasses.replace(base, method="prune"), "official_mnist",
+                                   keep=short),
+        **short, prune_begin_step=2, prune_end_step=6, prune_frequency=2)
+    results = fashion_mnist_mlp.run(prune, data=data)
+    assert results["prune_steps"] == [2, 6, 2]
+    assert results["layer_sparsity"] == {
+        "fc1": pytest.approx(0.9), "fc2": pytest.approx(0.81), "logits": 0.0}
+    # The preset leaves the update timing alone; --timing=official is passed through.
+    assert config.timing == "keras" and results["timing"] == "keras"
+    official = dataclasses.replace(config, timing="official", steps_per_execution=1,
+                                   output_dir=None)
+    results = fashion_mnist_mlp.run(official, data=data)
+    assert results["timing"] == "official" and results["mask_updates"] >= 1
+
+
+def test_small_dense_rules_in_the_example(idx_dir):
+    data = data_lib.load_fashion_mnist(idx_dir)
+    # The official MLP config's Small-Dense at S = 0.98: hidden sizes (8, 8),
+    # 784·8 + 8·8 + 8·10 = 6,416 kernel weights, 6,442 parameters.
+    assert fashion_mnist.lenet_300_100(hidden_sizes=(8, 8)).count_params() == 6442
+    fixed = fashion_mnist_mlp.run(
+        tiny_mnist(method="small_dense", sparsity=0.98, small_dense_rule="fixed"), data=data)
+    assert fixed["active_params"] == 6416 and fixed["dense_params"] == 266200
+    # The storage rule gives a wider model than the parameter rule (masks count).
+    params = fashion_mnist_mlp.run(tiny_mnist(method="small_dense", sparsity=0.98), data=data)
+    storage = fashion_mnist_mlp.run(
+        tiny_mnist(method="small_dense", sparsity=0.98, small_dense_rule="storage"), data=data)
+    assert params["active_params"] == 784 * 7 + 7 * 2 + 2 * 10  # (7, 2)
+    assert storage["active_params"] == 784 * 18 + 18 * 6 + 6 * 10  # (18, 6)
+    explicit = fashion_mnist_mlp.run(tiny_mnist(
+        method="small_dense", small_dense_rule="fixed", small_dense_hidden=(5, 3)), data=data)
+    assert explicit["active_params"] == 784 * 5 + 5 * 3 + 3 * 10
+    with pytest.raises(ValueError, match="small_dense_hidden"):
+        fashion_mnist_mlp.run(tiny_mnist(method="small_dense", sparsity=0.9,
+                                         small_dense_rule="fixed"), data=data)
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        fashion_mnist.lenet_300_100(hidden_sizes=(8,))
+    config = parse_mlp_flags("--method=small_dense", "--small_dense_rule=fixed",
+                             "--small_dense_hidden=8,8")
+    assert config.small_dense_hidden == (8, 8) and config.small_dense_rule == "fixed"
+
+
+def test_reproduce_preset_resolves_every_run():
+    sweep_flags = flags.FlagValues()
+    reproduce.define_flags(sweep_flags)
+    sweep_flags(["prog", "--preset=official_mnist", "--methods=rigl,dense",
+                 "--sparsities=0.98", "--epochs=2"])
+    config = reproduce.config_from_flags(sweep_flags)
+    assert config.preset == "official_mnist" and config.keep == ("epochs",)
+    rigl = reproduce.run_config(config, reproduce.RunSpec("rigl", 0.98, 1))
+    assert (rigl.epochs, rigl.learning_rate, rigl.end_step, rigl.lr_drop_epochs) == (
+        2.0, 0.2, 50000, (75.0, 95.0))
+    assert rigl.preset == "official_mnist" and rigl.seed == 1
+    dense = reproduce.run_config(config, reproduce.RunSpec("dense", 0.0, 0))
+    assert dense.lr_drop_epochs == (60.0, 70.0, 80.0)
+    run_id = reproduce.run_id(config, reproduce.RunSpec("rigl", 0.98, 1))
+    assert "official_mnist" in run_id and run_id != reproduce.run_id(
+        dataclasses.replace(config, keep=()), reproduce.RunSpec("rigl", 0.98, 1))
+    line = reproduce.settings_line(config)
+    assert "official_mnist" in line and "÷3 at epochs 75, 95 (dense: 60, 70, 80)" in line
+    assert "T_end = step 50000" in line and "fc2 at 0.9·S" in line
+    assert "keras update timing; steps_per_execution 100" in line
+    # --timing=official is passed to every run (with steps_per_execution 1) and
+    # changes the run ids.
+    official = dataclasses.replace(config, timing="official")
+    run = reproduce.run_config(official, reproduce.RunSpec("rigl", 0.98, 1))
+    assert run.timing == "official" and run.steps_per_execution == 1
+    assert reproduce.run_id(official, reproduce.RunSpec("rigl", 0.98, 1)) != run_id
+    # Without a preset, run ids are those of earlier sweeps (resumable).
+    plain = reproduce.SweepConfig()
+    assert reproduce.run_id(plain, reproduce.RunSpec("rigl", 0.9, 0)).startswith(
+        "mlp-rigl-erk-s0.9-m1-e10-seed0-")
+    both = flags.FlagValues()
+    reproduce.define_flags(both)
+    both(["prog", "--preset=official_mnist", "--quick"])
+    with pytest.raises(ValueError, match="exclusive"):
+        reproduce.config_from_flags(both)
+
+
+# ---------------------------------------------------------------------------
 # reproduce.py
 # ---------------------------------------------------------------------------
 
