@@ -210,7 +210,8 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     batches are not exact (Keras restarts the epoch at batch 0), and one
     taken by a callback listed *before* this one at an update step holds the
     state before that update, which a resumed run does not redo: list
-    step-based backups after the sparse-training callback.
+    Keras' `BackupAndRestore` after the sparse-training callback, or use
+    `rigl_keras.AtomicBackupAndRestore`, which waits for every callback.
 
     With an optimizer whose update mixes positions (Muon; found by
     `engine.mixes_positions`), it sets the weights outside the masks back to
