@@ -91,6 +91,26 @@ def restore_invariants(model) -> None:
         engine.commit(w, keep, keep, slots.get(id(w.variable), []), optimizer=optimizer)
 
 
+def _check_weight_averaging(model, weights) -> None:
+    """Refuses `use_ema` where Keras 3 cannot combine it with gradient capture.
+
+    Keras gives `overwrite_with_gradient` variables (the capture variables) no
+    moving average, and its TensorFlow backend (at the end of every `fit`)
+    and its JAX backend (with `ema_overwrite_frequency`) then fail on them.
+    """
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if not getattr(optimizer, "use_ema", False) or all(w.gradient is None for w in weights):
+        return
+    backend = keras.backend.backend()
+    if backend == "tensorflow" or (backend == "jax" and optimizer.ema_overwrite_frequency):
+        raise ValueError(
+            f"The optimizer's use_ema=True cannot be combined with gradient capture on the "
+            f"{backend} backend (Keras keeps no moving average for the capture variables and "
+            "fails on them). Sparsify with capture_gradients=False (static, SET, pruning; RigL, "
+            "SNFS and SNIP then need grow_data), or train without use_ema."
+        )
+
+
 def _set_weights_keeping_invariants(model, weights):
     # Bound to a masked model by `_guard_set_weights` (as a method, so that a
     # deep copy of the model binds the copy).
@@ -328,6 +348,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         # Keras callbacks that restore weights (EarlyStopping) go through
         # set_weights, which knows nothing of optimizer state.
         _guard_set_weights(model)
+        _check_weight_averaging(model, weights)
         traits = engine.optimizer_traits(model.optimizer)
         self._project = traits.mixes_positions
         if traits.makes_nonfinite:

@@ -96,3 +96,37 @@ def test_an_optimizer_that_makes_nan_from_zero_gradients_is_named_at_fit_start()
     model.compile(keras.optimizers.Adafactor(), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.warns(RuntimeWarning, match="epsilon_1"):
         model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rk.baselines.StaticCallback()])
+
+
+def _ema_fails_in_keras_with_capture():
+    # TensorFlow at the end of every fit; JAX only with ema_overwrite_frequency.
+    return keras.backend.backend() == "tensorflow"
+
+
+def test_weight_moving_average_is_state_reset_with_the_rest():
+    # use_ema: the optimizer's moving average of the weights is reset where
+    # connections change and written into the weights every 3 steps and at the end.
+    x, y = classification_data(80)
+    model = rk.sparsify(mlp(), 0.8, "erk", seed=0, capture_gradients=False)
+    model.compile(keras.optimizers.Adam(1e-3, use_ema=True, ema_overwrite_frequency=3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    expected = counts(model)
+    set_cb = rk.baselines.SETCallback(delta_t=2, alpha=0.5, end_step=1.0, check_invariants=True)
+    history = model.fit(x, y, batch_size=20, epochs=2, verbose=0, callbacks=[set_cb])
+    assert sum(history.history["connections_changed"]) > 0
+    rk.check_sparsity(model, expected)
+
+
+def test_weight_moving_average_with_captured_gradients_fails_clearly_where_keras_cannot_do_it():
+    x, y = classification_data(40)
+    model = rk.sparsify(mlp(), 0.8, "erk", seed=0)
+    model.compile(keras.optimizers.Adam(1e-3, use_ema=True),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rigl = rk.RigLCallback(delta_t=2, end_step=1.0, check_invariants=True)
+    if _ema_fails_in_keras_with_capture():
+        with pytest.raises(ValueError, match="use_ema"):
+            model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl])
+        assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+    else:
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl])
+        rk.check_sparsity(model)
