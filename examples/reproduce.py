@@ -100,6 +100,8 @@ class SweepConfig:
     small_dense_rule: str = "params"
     timing: str = "keras"
     preset: str = ""
+    #: Train nothing: summarize the runs of the sweep that are already done.
+    summarize_only: bool = False
     #: Fields that win over the preset (flags given explicitly).
     keep: tuple[str, ...] = ()
 
@@ -162,6 +164,10 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     flags.DEFINE_enum("preset", None, sorted(fashion_mnist.PRESETS),
                       "Run every run in a preset regime (see fashion_mnist.PRESETS); "
                       "flags given explicitly win over it.", flag_values=fv)
+    flags.DEFINE_bool("summarize_only", False,
+                      "Train nothing: write results.csv, results.md and the plots from the "
+                      "runs already in --output_dir (results.csv, runs/*/results.json; copy "
+                      "runs/ of other output directories in to merge them).", flag_values=fv)
     flags.DEFINE_bool("quick", False,
                       "A ~2.5-minute sweep: " + ", ".join(
                           f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
@@ -354,6 +360,16 @@ def sweep(config: SweepConfig, *, run_fn=None, log=print) -> dict:
     os.makedirs(config.output_dir, exist_ok=True)
     stored = load_results(config.output_dir)
     todo = [spec for spec in runs if run_id(config, spec) not in stored]
+    if config.summarize_only:
+        log(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} done; summarizing those"
+            + (f" ({len(todo)} missing: "
+               + ", ".join(f"{s.method} S={s.sparsity:g} seed {s.seed}" for s in todo) + ")"
+               if todo else ""))
+        runs = [spec for spec in runs if run_id(config, spec) in stored]
+        if stored:
+            write_csv(config.output_dir, stored)
+        rows = [stored[run_id(config, spec)] for spec in runs]
+        return {"rows": rows, "new_runs": 0, "files": summarize(config, rows, log=log)}
     log(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already done, "
         f"{len(todo)} to run; results in {config.output_dir}")
     if run_fn is None:
@@ -418,13 +434,26 @@ def _aggregate(config: SweepConfig, rows: list[dict]) -> dict:
     return stats
 
 
+def _seed_text(config: SweepConfig, rows: list[dict]) -> str:
+    seeds = sorted({int(r["seed"]) for r in rows if r.get("seed") is not None})
+    counts = {}
+    for r in rows:
+        key = (r["method"], float(r["sparsity"]))
+        counts[key] = counts.get(key, 0) + 1
+    if not seeds or (len(seeds) == config.seeds and len(set(counts.values())) <= 1):
+        return f"{config.seeds} seed(s)"
+    return (f"the seeds present (seeds {', '.join(map(str, seeds))}; "
+            f"{min(counts.values())} to {max(counts.values())} per cell)")
+
+
 def settings_line(config: SweepConfig, steps=()) -> str:
     """One line describing the runs' hyperparameters (the resolved preset if any)."""
     steps = f" ({', '.join(map(str, steps))} steps)" if steps else ""
     if config.preset:
         sparse = [m for m in config.methods if m not in ("dense", "small_dense")]
         run = _resolved_config(config, RunSpec(sparse[0] if sparse else config.methods[0], 0.5, 0))
-        scales = ", ".join(f"{k} at {v:g}·S" for k, v in run.sparsity_scales)
+        scales = ", ".join(f"{k} at S" if v == 1 else f"{k} at {v:g}·S"
+                           for k, v in run.sparsity_scales)
         dense = ", ".join(run.dense_layers)
         dense_drops = fashion_mnist.apply_preset(
             dataclasses.replace(run, method="dense"), config.preset,
@@ -461,7 +490,7 @@ def markdown_table(config: SweepConfig, rows: list[dict]) -> str:
     lines = [
         f"# {model} on Fashion-MNIST: sparse training methods",
         "",
-        f"Test accuracy (%) as mean ± std over {config.seeds} seed(s); FLOPs relative to the "
+        f"Test accuracy (%) as mean ± std over {_seed_text(config, rows)}; FLOPs relative to the "
         "dense model: training FLOPs per the paper's Appendix A (× M), inference FLOPs per "
         "sample.",
         settings_line(config, steps),

@@ -528,6 +528,32 @@ def test_reproduce_writes_everything_and_resumes(idx_dir, tmp_path):
     assert fourth["new_runs"] == 2  # static and rigl at 0.95
 
 
+def test_reproduce_summarize_only_trains_nothing(tmp_path):
+    def fake(run_config):
+        return {"method": run_config.method, "sparsity": run_config.sparsity,
+                "seed": run_config.seed, "test_accuracy": 0.5 + 0.1 * run_config.seed,
+                "training_flops_ratio": 0.1, "inference_flops_ratio": 0.1,
+                "measured_sparsity": run_config.sparsity, "wall_time_s": 0.0, "steps": 4,
+                "preset": run_config.preset}
+
+    config = reproduce.SweepConfig(methods=("static", "rigl"), sparsities=(0.9,), seeds=1,
+                                   output_dir=str(tmp_path), preset="official_mnist")
+    assert reproduce.sweep(config, run_fn=fake, log=lambda line: None)["new_runs"] == 2
+
+    def must_not_run(run_config):
+        raise AssertionError("summarize_only trained a run")
+
+    lines = []
+    bigger = dataclasses.replace(config, seeds=2, summarize_only=True)
+    summary = reproduce.sweep(bigger, run_fn=must_not_run, log=lines.append)
+    assert summary["new_runs"] == 0 and len(summary["rows"]) == 2
+    assert "2 missing: static S=0.9 seed 1, rigl S=0.9 seed 1" in lines[0]
+    table = (tmp_path / "results.md").read_text()
+    assert "| RigL | 50.00 |" in table and "official_mnist preset" in table
+    assert "over the seeds present (seeds 0; 1 to 1 per cell)" in table  # 2 asked for
+    assert "fc1 at S, fc2 at 0.9·S, logits dense" in table
+
+
 def test_reproduce_plan_trains_dense_once_per_seed():
     config = reproduce.SweepConfig(methods=("dense", "rigl"), sparsities=(0.8, 0.9), seeds=2)
     runs = reproduce.plan(config)
