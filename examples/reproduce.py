@@ -58,7 +58,7 @@ from absl import app, flags
 from examples import common
 from examples import fashion_mnist
 
-__all__ = ["SweepConfig", "RunSpec", "plan", "sweep", "summarize", "define_flags"]
+__all__ = ["SweepConfig", "RunSpec", "plan", "execute", "sweep", "summarize", "define_flags"]
 
 ALL_METHODS = ("dense", "static", "snip", "set", "snfs", "rigl", "prune", "small_dense")
 METHOD_NAMES = {
@@ -339,6 +339,69 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def execute(config, runs: list[RunSpec], *, key, make_run, load_run_fn, describe,
+            summarize_fn, run_fn=None, log=print) -> dict:
+    """The resumable loop of a sweep (this script's and examples/reproduce_char_lm.py's).
+
+    Args:
+      config: the sweep; reads `output_dir` and `summarize_only`.
+      runs: the runs of the sweep, in order.
+      key: RunSpec -> run id (the name of its directory under runs/).
+      make_run: RunSpec -> the run's config, passed to run_fn.
+      load_run_fn: () -> run_fn, called once and only if a run is left to train
+        (it loads the data).
+      describe: results dict -> a short text of its main numbers.
+      summarize_fn: (rows) -> {name: path} of the files it wrote.
+      run_fn: run config -> results dict, instead of `load_run_fn()` (tests).
+      log: where progress lines go.
+
+    Returns:
+      {"rows": results of this sweep's runs, "new_runs": how many were
+      trained now, "files": what summarize_fn wrote}.
+    """
+    os.makedirs(config.output_dir, exist_ok=True)
+    stored = load_results(config.output_dir)
+    todo = [spec for spec in runs if key(spec) not in stored]
+    if config.summarize_only:
+        log(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} done; summarizing those"
+            + (f" ({len(todo)} missing: "
+               + ", ".join(f"{s.method} S={s.sparsity:g} seed {s.seed}" for s in todo) + ")"
+               if todo else ""))
+        runs = [spec for spec in runs if key(spec) in stored]
+        if stored:
+            write_csv(config.output_dir, stored)
+        rows = [stored[key(spec)] for spec in runs]
+        return {"rows": rows, "new_runs": 0, "files": summarize_fn(rows)}
+    log(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already done, "
+        f"{len(todo)} to run; results in {config.output_dir}")
+    if run_fn is None and todo:
+        run_fn = load_run_fn()  # loads the data once; fails early if it is missing
+
+    start, done_now = time.time(), 0
+    for index, spec in enumerate(runs, 1):
+        name = key(spec)
+        label = (f"[{index:>{len(str(len(runs)))}}/{len(runs)}] {spec.method:<11} "
+                 f"S={spec.sparsity:<5g} seed={spec.seed}")
+        if name in stored:
+            log(f"{label}  done before: {describe(stored[name])}")
+            continue
+        results = run_fn(make_run(spec))
+        # Rows another sweep in the same directory finished meanwhile are kept.
+        stored = {**load_results(config.output_dir), **stored, name: {"run_id": name, **results}}
+        write_csv(config.output_dir, stored)
+        done_now += 1
+        elapsed = time.time() - start
+        eta = elapsed / done_now * (len(todo) - done_now)
+        log(f"{label}  {describe(results)} "
+            f"train FLOPs={float(results['training_flops_ratio']):.3f}x "
+            f"({float(results['wall_time_s']):.0f}s) | elapsed {_clock(elapsed)}, "
+            f"ETA {_clock(eta)}")
+    if not todo and stored:
+        write_csv(config.output_dir, stored)  # e.g. rows only in runs/*: put them in the CSV
+    rows = [stored[key(spec)] for spec in runs]
+    return {"rows": rows, "new_runs": done_now, "files": summarize_fn(rows)}
+
+
 def sweep(config: SweepConfig, *, run_fn=None, log=print) -> dict:
     """Runs every run of `config` that is not finished yet, then summarizes.
 
@@ -352,57 +415,25 @@ def sweep(config: SweepConfig, *, run_fn=None, log=print) -> dict:
       {"rows": results of this sweep's runs, "new_runs": how many were
       trained now, "files": paths written by `summarize`}.
     """
-    import keras
 
-    from examples import data as data_lib
+    def load_run_fn():
+        import keras
 
-    runs = plan(config)
-    os.makedirs(config.output_dir, exist_ok=True)
-    stored = load_results(config.output_dir)
-    todo = [spec for spec in runs if run_id(config, spec) not in stored]
-    if config.summarize_only:
-        log(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} done; summarizing those"
-            + (f" ({len(todo)} missing: "
-               + ", ".join(f"{s.method} S={s.sparsity:g} seed {s.seed}" for s in todo) + ")"
-               if todo else ""))
-        runs = [spec for spec in runs if run_id(config, spec) in stored]
-        if stored:
-            write_csv(config.output_dir, stored)
-        rows = [stored[run_id(config, spec)] for spec in runs]
-        return {"rows": rows, "new_runs": 0, "files": summarize(config, rows, log=log)}
-    log(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already done, "
-        f"{len(todo)} to run; results in {config.output_dir}")
-    if run_fn is None:
-        dataset = None
-        if todo:  # load once for all runs; fails early if the data is missing
-            dataset = data_lib.load_fashion_mnist(config.data_dir)
+        from examples import data as data_lib
 
-        def run_fn(run_cfg):
+        dataset = data_lib.load_fashion_mnist(config.data_dir)
+
+        def train(run_cfg):
             keras.backend.clear_session()  # keep memory flat over many runs
             return fashion_mnist.train_and_evaluate(run_cfg, dataset)
 
-    start, done_now = time.time(), 0
-    for index, spec in enumerate(runs, 1):
-        key = run_id(config, spec)
-        label = (f"[{index:>{len(str(len(runs)))}}/{len(runs)}] {spec.method:<11} "
-                 f"S={spec.sparsity:<5g} seed={spec.seed}")
-        if key in stored:
-            log(f"{label}  done before: acc={float(stored[key]['test_accuracy']):.4f}")
-            continue
-        results = run_fn(run_config(config, spec))
-        stored[key] = {"run_id": key, **results}
-        write_csv(config.output_dir, stored)
-        done_now += 1
-        elapsed = time.time() - start
-        eta = elapsed / done_now * (len(todo) - done_now)
-        log(f"{label}  acc={results['test_accuracy']:.4f} "
-            f"train FLOPs={results['training_flops_ratio']:.3f}x "
-            f"({results['wall_time_s']:.0f}s) | elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
-    if not todo and stored:
-        write_csv(config.output_dir, stored)  # e.g. rows only in runs/*: put them in the CSV
-    rows = [stored[run_id(config, spec)] for spec in runs]
-    files = summarize(config, rows, log=log)
-    return {"rows": rows, "new_runs": done_now, "files": files}
+        return train
+
+    return execute(
+        config, plan(config), key=lambda spec: run_id(config, spec),
+        make_run=lambda spec: run_config(config, spec), load_run_fn=load_run_fn,
+        describe=lambda r: f"acc={float(r['test_accuracy']):.4f}",
+        summarize_fn=lambda rows: summarize(config, rows, log=log), run_fn=run_fn, log=log)
 
 
 # ---------------------------------------------------------------------------
@@ -410,14 +441,14 @@ def sweep(config: SweepConfig, *, run_fn=None, log=print) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _aggregate(config: SweepConfig, rows: list[dict]) -> dict:
-    """{(method, sparsity): stats} with dense copied to every sparsity."""
+def _aggregate(config: SweepConfig, rows: list[dict], metric: str = "test_accuracy") -> dict:
+    """{(method, sparsity): stats of `metric`} with dense copied to every sparsity."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], float(row["sparsity"])), []).append(row)
     stats = {}
     for (method, sparsity), members in groups.items():
-        acc = np.array([float(r["test_accuracy"]) for r in members])
+        acc = np.array([float(r[metric]) for r in members])
         entry = {
             "mean": float(acc.mean()),
             "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
@@ -564,10 +595,12 @@ def plot_accuracy_vs_sparsity(config: SweepConfig, rows: list[dict], path: str) 
     return path
 
 
-def plot_accuracy_vs_flops(config: SweepConfig, rows: list[dict], path: str) -> str:
-    """Mean test accuracy against training FLOPs (log scale), points per sparsity."""
+def plot_accuracy_vs_flops(config: SweepConfig, rows: list[dict], path: str, *,
+                           metric: str = "test_accuracy", scale: float = 100.0,
+                           ylabel: str = "test accuracy (%)", title: str | None = None) -> str:
+    """Mean `metric` × `scale` (± std) against training FLOPs (log scale), points per sparsity."""
     plt = _plt()
-    stats = _aggregate(config, rows)
+    stats = _aggregate(config, rows, metric)
     sparsities = sorted(float(s) for s in config.sparsities)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method in config.methods:
@@ -575,18 +608,18 @@ def plot_accuracy_vs_flops(config: SweepConfig, rows: list[dict], path: str) -> 
         if not points:
             continue
         if method == "dense":
-            axes.axhline(100 * points[0]["mean"], color="red", linestyle="--", linewidth=1)
-            axes.plot([points[0]["train_flops"]], [100 * points[0]["mean"]], "r*",
+            axes.axhline(scale * points[0]["mean"], color="red", linestyle="--", linewidth=1)
+            axes.plot([points[0]["train_flops"]], [scale * points[0]["mean"]], "r*",
                       markersize=10, label="Dense")
             continue
-        axes.errorbar([p["train_flops"] for p in points], [100 * p["mean"] for p in points],
-                      yerr=[100 * p["std"] for p in points], marker="o", capsize=3,
+        axes.errorbar([p["train_flops"] for p in points], [scale * p["mean"] for p in points],
+                      yerr=[scale * p["std"] for p in points], marker="o", capsize=3,
                       label=METHOD_NAMES.get(method, method))
     axes.set_xscale("log")
     axes.set_xlabel("training FLOPs (× dense training)")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title("Accuracy vs training cost (points: sparsities "
-                   + ", ".join(f"{s:g}" for s in sparsities) + ")", fontsize=10)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title or ("Accuracy vs training cost (points: sparsities "
+                             + ", ".join(f"{s:g}" for s in sparsities) + ")"), fontsize=10)
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
     figure.tight_layout()

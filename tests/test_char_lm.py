@@ -5,6 +5,7 @@ Debian's `bible-kjv` package (`make text-data` installs it; the tests skip
 without it), a 32-unit GRU and 20 steps, in-process.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from examples import char_lm  # noqa: E402
+from examples import reproduce  # noqa: E402
 from examples import text_data  # noqa: E402
 
 SLICE_CHARS = 20000
@@ -169,3 +171,83 @@ def check_results(results, method, sparsity):
     assert results["inference_flops_per_char"] == 2 * results["active_params"]
     assert results["inference_flops_ratio"] == pytest.approx(1 - results["measured_sparsity"])
     assert 0 < results["training_flops_ratio"] < 1
+
+
+# --- the sweep (examples/reproduce_char_lm.py) -------------------------------
+
+
+@needs_kjv
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the sweep's loop is backend-independent; char_lm runs on all")
+def test_sweep_trains_tabulates_plots_and_resumes(corpus_slice, tmp_path):
+    import csv
+
+    from examples import reproduce_char_lm
+
+    config = reproduce_char_lm.CharSweepConfig(
+        methods=("dense", "rigl", "prune"), sparsities=(0.8,), seeds=1, steps=12, units=16,
+        embedding_dim=8, seq_len=16, batch_size=8, delta_t=4, source="file",
+        data_dir=corpus_slice, eval_chars=2000, output_dir=str(tmp_path))
+    lines = []
+    first = reproduce_char_lm.sweep(config, log=lines.append)
+    assert first["new_runs"] == 3
+    for name in ("results.csv", "results.md", "bpc_vs_training_flops.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"dense", "rigl", "prune"}
+    for method in ("rigl", "prune"):
+        check_results({k: char_lm_value(v) for k, v in rows[method].items()}, method, 0.8)
+    table = (tmp_path / "results.md").read_text()
+    bpc = float(rows["rigl"]["bits_per_character"])
+    assert f"| RigL | {bpc:.3f} |" in table and "S=0.8 BPC" in table
+    assert "held-out characters" in table
+
+    def must_not_run(run_config):
+        raise AssertionError(f"run {run_config.method} was redone")
+
+    again = reproduce_char_lm.sweep(config, run_fn=must_not_run, log=lambda line: None)
+    assert again["new_runs"] == 0
+    # A changed run setting is a different run.
+    changed = reproduce_char_lm.run_id(
+        reproduce_char_lm.CharSweepConfig(steps=13), reproduce.RunSpec("rigl", 0.8, 0))
+    assert changed != reproduce_char_lm.run_id(
+        reproduce_char_lm.CharSweepConfig(steps=12), reproduce.RunSpec("rigl", 0.8, 0))
+
+
+def char_lm_value(text):
+    try:
+        return float(text) if "." in text or "e" in text else int(text)
+    except ValueError:
+        return text
+
+
+def test_sweep_seed_ranges_share_one_directory(tmp_path):
+    """Two sweeps over disjoint seeds (one per core) end in one table."""
+    from examples import reproduce_char_lm
+
+    def fake(run_config):
+        return {"method": run_config.method, "sparsity": run_config.sparsity,
+                "seed": run_config.seed, "bits_per_character": 2.0 + run_config.seed,
+                "training_flops_ratio": 0.3, "inference_flops_ratio": 0.25,
+                "measured_sparsity": run_config.sparsity, "wall_time_s": 0.0}
+
+    base = reproduce_char_lm.CharSweepConfig(methods=("static",), sparsities=(0.75,),
+                                             seeds=1, output_dir=str(tmp_path))
+    first = dataclasses.replace(base, seeds_from=0)
+    second = dataclasses.replace(base, seeds_from=1)
+    assert [s.seed for s in reproduce_char_lm.plan(second)] == [1]
+    reproduce_char_lm.sweep(first, run_fn=fake, log=lambda line: None)
+    reproduce_char_lm.sweep(second, run_fn=fake, log=lambda line: None)
+    with open(tmp_path / "results.csv") as f:
+        assert len(f.read().strip().splitlines()) == 3  # header + both seeds
+
+    def must_not_run(run_config):
+        raise AssertionError("summarize_only trained a run")
+
+    both = dataclasses.replace(base, seeds=2, summarize_only=True)
+    summary = reproduce_char_lm.sweep(both, run_fn=must_not_run, log=lambda line: None)
+    assert len(summary["rows"]) == 2
+    assert "| Static | 2.500 ± 0.707 |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="seeds_from"):
+        reproduce_char_lm.plan(dataclasses.replace(base, seeds_from=-1))
