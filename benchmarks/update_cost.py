@@ -4,9 +4,11 @@ For each size n (3 Dense layers of n × n at S = 0.9, batch 128), one
 process builds the sparse model, trains it, and times (median of `--repeats`)
 one training step and one RigL update (`RigLCallback.update`: captured
 gradients, drop/grow selection, mask and optimizer-state commit) on the same
-model, then prints update ÷ step. With `--memory`, it also reports the peak
-resident memory added by one update of the largest size (Linux `ru_maxrss`),
-next to the size of one dense gradient of a layer.
+model, then prints update ÷ step. With `--memory`, it also reports, for one
+update of the largest size, the peak of the NumPy temporaries it allocates
+(`tracemalloc`; on CPU the whole selection and commit run in NumPy) in units
+of one float32 kernel, and how much the process's peak resident memory grew
+(Linux `ru_maxrss`).
 
     python benchmarks/update_cost.py --backend {tensorflow,jax,torch} [--sizes 1024 2048 4096]
 """
@@ -19,6 +21,7 @@ import resource
 import statistics
 import sys
 import time
+import tracemalloc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "--backend" in sys.argv:  # must be set before Keras is imported
@@ -82,10 +85,15 @@ def main() -> None:
         model.fit(data, data[:, ::-1], batch_size=args.batch_size, verbose=0, callbacks=[rigl])
         rigl.update(100)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        tracemalloc.start()
         rigl.update(101)
+        _, host_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(f"peak RSS added by one update at n={n}: {(after - before) / 1024:.1f} MiB "
-              f"(one dense gradient of a layer: {n * n * 4 / 2**20:.1f} MiB)")
+        kernel = n * n * 4 / 2**20
+        print(f"one update at n={n}: peak of its NumPy temporaries {host_peak / 2**20:.1f} MiB "
+              f"= {host_peak / 2**20 / kernel:.2f} float32 kernels of {kernel:.0f} MiB; "
+              f"process peak RSS grew by {(after - before) / 1024:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -232,7 +232,8 @@ def _build_with_layer_sparsities(method, config, build_fn, custom_sparsity, dens
         return model, [baselines.MagnitudePruningCallback(
             finals, prune_begin_step, prune_end_step, prune_frequency)]
     model = rk.sparsify(dense, sparsity, distribution, seed=seed, **layers,
-                        capture_gradients=method.uses_gradients and grow_data is None)
+                        capture_gradients=(method.uses_gradients and grow_data is None
+                                           and method.name != "snfs"))
     schedule = dict(delta_t=config.delta_t, alpha=config.alpha, end_step=end_step,
                     decay=config.decay, seed=seed, **_timing(config))
     if method.name == "static":
@@ -243,7 +244,10 @@ def _build_with_layer_sparsities(method, config, build_fn, custom_sparsity, dens
     if method.name == "set":
         return model, [baselines.SETCallback(**schedule)]
     if method.name == "snfs":
-        return model, [baselines.SNFSCallback(grow_data=grow_data, **schedule)]
+        snfs = baselines.SNFSCallback(grow_data=grow_data, **schedule)
+        if grow_data is None:
+            rk.capture_momentum(model, snfs.momentum)  # as Method.build does
+        return model, [snfs]
     if method.name == "rigl":
         return model, [rk.RigLCallback(grow_data=grow_data, **schedule)]
     raise ValueError(f"Method {method.name!r} does not take per-layer sparsities.")

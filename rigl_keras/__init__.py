@@ -42,6 +42,7 @@ from rigl_keras.layers import (
     masked_weights,
 )
 from rigl_keras import baselines
+from rigl_keras.baselines import capture_momentum
 from rigl_keras.summaries import SparsitySummaries
 from rigl_keras.schedules import PolynomialSchedule, UpdateSchedule
 from rigl_keras.sparsify import (
@@ -80,6 +81,7 @@ __all__ = [
     "mask_in_place",
     "masked_weights",
     "sparsify",
+    "capture_momentum",
     "set_random_masks",
     "strip_masks",
     "sparsity_report",

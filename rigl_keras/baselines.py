@@ -31,6 +31,7 @@ from rigl_keras.callbacks import (
     RigLCallback,
     SparseTrainingCallback,
 )
+from rigl_keras.layers import masked_weights
 from rigl_keras.sparsify import sparsify
 
 __all__ = [
@@ -117,13 +118,19 @@ class SNFSCallback(RigLCallback):
 
     After every optimizer step the dense gradient of each masked weight
     updates an exponential moving average m ← β·m + (1 − β)·g, stored with
-    the layer (`MaskedWeight.momentum`) so that checkpoints carry it. By
-    default g is the gradient the training step captured (no extra pass:
-    SNFS's cost is the dense backward of the step, 2·f_S + f_D); with
-    `grow_data` it comes from a drawn batch (an extra pass per step). A
-    non-finite gradient is skipped for that step, never stored. Every ΔT steps
-    the smallest-|w| connections are dropped and the same number grown where
-    |m| is largest.
+    the layer (`MaskedWeight.momentum`) so that checkpoints carry it. Every
+    ΔT steps the smallest-|w| connections are dropped and the same number
+    grown where |m| is largest. Where g comes from:
+
+    * a model prepared with `rigl_keras.capture_momentum(model, β)` (as
+      `baselines.get("snfs").build` does): the training step itself moves m
+      (SNFS's cost is the dense backward of the step, 2·f_S + f_D, and the
+      callback does nothing between updates); entries with a non-finite
+      gradient keep their m;
+    * otherwise the gradient the step captured in G (`capture_gradients`),
+      read by this callback after every batch; a non-finite gradient is
+      skipped for that step;
+    * with `grow_data`, a drawn batch (an extra pass per step).
 
     With `redistribute=True`, the connections dropped in all weights are
     regrown across weights in proportion to each one's mean |m| over its
@@ -155,8 +162,9 @@ class SNFSCallback(RigLCallback):
 
     Raises:
       ValueError: for an argument out of range, or (at train begin) weights
-        without gradient capture and no `grow_data`, or
-        `steps_per_execution` > 1 with captured gradients.
+        without gradient capture and no `grow_data`,
+        `steps_per_execution` > 1 with gradients read after each batch, or a
+        captured momentum it cannot use (see `capture_momentum`).
     """
 
     official_skips_step = False
@@ -181,28 +189,68 @@ class SNFSCallback(RigLCallback):
         return config
 
     def setup(self):
-        super().setup()
-        if self.source.captured and int(getattr(self.model, "steps_per_execution", 1) or 1) > 1:
+        self._in_step = self._check_in_step()
+        if self._in_step:  # RigL's setup less its check for capture variables G: unused here
+            DynamicSparseCallback.setup(self)
+        else:
+            super().setup()
+        if (self.source.captured and not self._in_step
+                and int(getattr(self.model, "steps_per_execution", 1) or 1) > 1):
             raise ValueError(
                 "SNFSCallback: the momentum needs every step's gradient, but with "
                 "steps_per_execution > 1 only the last step of each execution is seen. "
-                "Use steps_per_execution=1 or pass grow_data."
+                "Use steps_per_execution=1, rigl_keras.capture_momentum, or grow_data."
             )
         with gradients_backend.creation_scope(self.model):
             for w in self.masked_weights:
                 w.ensure_momentum()
 
+    def _check_in_step(self) -> bool:
+        """Whether the training step moves the momentum (`capture_momentum`); raises
+        if it does for only some weights, with another β, or where it cannot."""
+        weights = self.masked_weights
+        betas = {w.name: w.momentum_beta for w in weights}
+        if all(b is None for b in betas.values()):
+            return False
+        problem = None
+        if any(b is None for b in betas.values()):
+            problem = (f"only some masked weights capture their momentum "
+                       f"({[n for n, b in betas.items() if b is not None]})")
+        elif any(b != self.momentum for b in betas.values()):
+            problem = (f"the model captures momentum with β = {sorted(set(betas.values()))} "
+                       f"but the callback has momentum={self.momentum}")
+        elif not self.source.captured:
+            problem = "with grow_data the momentum follows the drawn batches, not the training step"
+        else:
+            optimizer = self.model.optimizer
+            if (isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+                    or getattr(optimizer, "loss_scale_factor", None)):
+                problem = "loss scaling scales the gradient the step would average"
+            elif getattr(optimizer, "gradient_accumulation_steps", None):
+                problem = ("with gradient_accumulation_steps Keras keeps the elementwise "
+                           "maximum of the steps' values, not their mean")
+        if problem is not None:
+            raise ValueError(
+                f"SNFSCallback: cannot use the momentum captured by the training step: "
+                f"{problem}. Build the model without rigl_keras.capture_momentum (the "
+                "callback then updates the momentum after every step) or fix the mismatch."
+            )
+        return True
+
     def next_event(self, step):
+        if self._in_step:
+            return super().next_event(step)
         return step + 1  # the momentum moves after every step
 
     def after_step(self, previous, step, logs):
-        weights = self.masked_weights
-        grads = self.source.gradients(self.model, weights, step)
-        momenta = gradients_backend.moving_averages(
-            [w.momentum for w in weights], grads, self.momentum
-        )
-        for w, m in zip(weights, momenta):
-            w.momentum.assign(m)
+        if not self._in_step:
+            weights = self.masked_weights
+            grads = self.source.gradients(self.model, weights, step)
+            momenta = gradients_backend.moving_averages(
+                [w.momentum for w in weights], grads, self.momentum
+            )
+            for w, m in zip(weights, momenta):
+                w.momentum.assign(m)
         super().after_step(previous, step, logs)
 
     def grow_scores(self, step):
@@ -235,6 +283,53 @@ class SNFSCallback(RigLCallback):
         ]
         self.record(logs if logs is not None else {}, fraction, results)
         return results
+
+
+def capture_momentum(model: keras.Model, momentum: float = 0.9) -> None:
+    """Lets every training step update SNFS's moving average itself (SNFS's fast path).
+
+    Each masked weight gets a trainable moving-average variable M that the
+    optimizer overwrites at every step with β·M + (1 − β)·∂L/∂W_eff of the
+    batch (a term of the effective weight that is 0 in the forward pass;
+    `rigl_keras.backend.masked_value`). `SNFSCallback(momentum=β)` then has
+    nothing to do between updates; without this it reads the gradient and
+    updates M after every batch, which on a small model costs more than the
+    step itself (and on JAX syncs the whole training state). Entries whose
+    gradient is not finite keep their M. It also works with
+    `steps_per_execution` > 1. `SNFSCallback` refuses it at fit start with a
+    loss-scale optimizer or `gradient_accumulation_steps` (where Keras does
+    not pass the plain gradient through), with `grow_data`, or with another β.
+
+    The variables are saved with the model; a `.keras` file loads them as
+    plain (callback-updated) momenta: compile the loaded model again and
+    call this to get the fast path back (the values are kept).
+
+    Args:
+      model: a sparsified model (`rigl_keras.sparsify`) whose optimizer is
+        not built yet (before the first fit).
+      momentum: β in [0, 1).
+
+    Raises:
+      ValueError: if the model has no masked weight, β is out of range, or
+        its optimizer is already built (the new variables would be unknown
+        to it).
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"`momentum` must be in [0, 1); got {momentum!r}.")
+    weights = masked_weights(model)
+    if not weights:
+        raise ValueError(f"capture_momentum: model {model.name!r} has no masked weight.")
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        raise ValueError(
+            "capture_momentum: the model's optimizer is already built, and would not know "
+            "the new momentum variables. Call capture_momentum before the first fit (a "
+            "loaded model comes with a built optimizer: compile it again first)."
+        )
+    with gradients_backend.creation_scope(model):
+        for w in weights:
+            w.capture_momentum(float(momentum))
+    model.train_function = None  # traced without the momentum term
 
 
 def _allocate(total: int, weights, capacity) -> list[int]:
@@ -733,8 +828,10 @@ class Method:
             return model, [MagnitudePruningCallback(
                 finals, prune_begin_step, prune_end_step, prune_frequency)]
         distribution = distribution or "erk"
+        # SNFS reads no G: its step moves the momentum itself (capture_momentum).
         model = sparsify(dense, sparsity, distribution, seed=seed,
-                         capture_gradients=self.uses_gradients and grow_data is None)
+                         capture_gradients=(self.uses_gradients and grow_data is None
+                                            and self.name != "snfs"))
         if self.name == "static":
             return model, [StaticCallback()]
         if self.name == "snip":
@@ -742,7 +839,10 @@ class Method:
         if self.name == "set":
             return model, [SETCallback(**schedule)]
         if self.name == "snfs":
-            return model, [SNFSCallback(grow_data=grow_data, **schedule)]
+            callback = SNFSCallback(grow_data=grow_data, **schedule)
+            if grow_data is None:
+                capture_momentum(model, callback.momentum)
+            return model, [callback]
         return model, [RigLCallback(grow_data=grow_data, **schedule)]
 
 

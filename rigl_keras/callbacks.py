@@ -99,15 +99,17 @@ def _check_weight_averaging(model, weights) -> None:
     and its JAX backend (with `ema_overwrite_frequency`) then fail on them.
     """
     optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-    if not getattr(optimizer, "use_ema", False) or all(w.gradient is None for w in weights):
+    if not getattr(optimizer, "use_ema", False) or all(
+            w.gradient is None and w.momentum_beta is None for w in weights):
         return
     backend = keras.backend.backend()
     if backend == "tensorflow" or (backend == "jax" and optimizer.ema_overwrite_frequency):
         raise ValueError(
             f"The optimizer's use_ema=True cannot be combined with gradient capture on the "
             f"{backend} backend (Keras keeps no moving average for the capture variables and "
-            "fails on them). Sparsify with capture_gradients=False (static, SET, pruning; RigL, "
-            "SNFS and SNIP then need grow_data), or train without use_ema."
+            "fails on them). Sparsify with capture_gradients=False and without "
+            "capture_momentum (static, SET, pruning; RigL, SNFS and SNIP then need "
+            "grow_data), or train without use_ema."
         )
 
 
@@ -360,6 +362,9 @@ class SparseTrainingCallback(keras.callbacks.Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        # Read once: on JAX every `self.model` access syncs the whole training
+        # state, which a per-batch hook must not pay for.
+        self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         self._last_step = self.current_step()
         self._origin = self._last_step
         self._unread = 0
@@ -377,7 +382,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
                 engine.project(weight)
         self._unread += 1
         due = self.next_event(self._last_step)
-        estimate = self._last_step + self._unread * int(getattr(self.model, "steps_per_execution", 1) or 1)
+        estimate = self._last_step + self._unread * self._steps_per_execution
         if due is None or estimate < due:
             return
         step = self.current_step()
@@ -730,7 +735,8 @@ class GradientSource:
         """One dense gradient per weight (as of the last step, or on a drawn batch)."""
         if self.captured:
             scale = _gradient_scale(model.optimizer)
-            return [gradients_backend.captured_gradient(w.gradient) / scale for w in weights]
+            grads = [gradients_backend.captured_gradient(w.gradient) for w in weights]
+            return grads if scale == 1.0 else [g / scale for g in grads]
         # Rebuilt when the model is recompiled: the loss is traced in.
         key = (id(model), tuple(id(w.variable) for w in weights), id(getattr(model, "_compile_loss", None)),
                id(model.optimizer))

@@ -219,18 +219,43 @@ class MaskedWeight:
             n *= d
         return n
 
-    def ensure_momentum(self) -> keras.Variable:
+    def ensure_momentum(self, trainable: bool = False) -> keras.Variable:
         """SNFS's moving average of dense gradients, created on first use.
 
         It lives with the layer, so checkpoints and `.keras` files carry it.
+
+        Args:
+          trainable: create it trainable (for `capture_momentum`); an
+            existing one is returned as it is.
         """
         existing = self.momentum
         if existing is not None:
             return existing
         momentum = _add_untracked_weight(
-            self.layer, f"{self.attribute}_momentum", self.shape, "zeros", False, "float32"
+            self.layer, f"{self.attribute}_momentum", self.shape, "zeros", trainable, "float32"
         )
         self.layer._rk_momenta[self.attribute] = momentum
+        return momentum
+
+    @property
+    def momentum_beta(self) -> float | None:
+        """β of the moving average the training step updates (`capture_momentum`), or None."""
+        return self.layer._rk_momentum_beta.get(self.attribute)
+
+    def capture_momentum(self, beta: float) -> keras.Variable:
+        """Makes the training step itself update SNFS's moving average (see `rigl_keras.capture_momentum`)."""
+        existing = self.momentum
+        if existing is not None and not existing.trainable:
+            # A plain momentum (loaded, or made by the callback): replace it by
+            # a trainable one holding its value (TensorFlow's tape only
+            # watches variables created trainable).
+            value = existing.value
+            self.layer._untrack_variable(existing)
+            del self.layer._rk_momenta[self.attribute]
+            self.ensure_momentum(trainable=True).assign(value)
+        momentum = self.ensure_momentum(trainable=True)
+        momentum.overwrite_with_gradient = True
+        self.layer._rk_momentum_beta[self.attribute] = float(beta)
         return momentum
 
     def effective(self):
@@ -272,7 +297,10 @@ def _masked_property(attribute: str) -> property:
         masks = self.__dict__.get("_rk_masks")
         if value is None or not masks or attribute not in masks:
             return value  # during the base class's build
-        return backend.masked_value(value, masks[attribute], self._rk_grads.get(attribute))
+        beta = self._rk_momentum_beta.get(attribute)
+        return backend.masked_value(
+            value, masks[attribute], self._rk_grads.get(attribute),
+            None if beta is None else self._rk_momenta[attribute], beta or 0.0)
 
     def setter(self, value):
         setattr(self, storage, value)
@@ -321,9 +349,12 @@ class MaskedWeightsMixin:
     # -- saving -------------------------------------------------------------
     def _saved_variables(self) -> list:
         # The capture variable is overwritten at every step: not saved.
-        skip = {id(g) for g in getattr(self, "_rk_grads", {}).values()}
+        # Momenta go last whether trainable (`capture_momentum`) or not, so
+        # that files load either way.
+        momenta = list(getattr(self, "_rk_momenta", {}).values())
+        skip = {id(g) for g in getattr(self, "_rk_grads", {}).values()} | {id(m) for m in momenta}
         own = list(self._trainable_variables) + list(self._non_trainable_variables)
-        return [v for v in own if id(v) not in skip]
+        return [v for v in own if id(v) not in skip] + momenta
 
     def save_own_variables(self, store):
         # Compact on disk: a mask as packed bits, a masked weight as its
@@ -409,6 +440,7 @@ def _attach(layer, capture: bool) -> None:
     object.__setattr__(layer, "_rk_masks", masks)
     object.__setattr__(layer, "_rk_grads", grads)
     object.__setattr__(layer, "_rk_momenta", {})
+    object.__setattr__(layer, "_rk_momentum_beta", {})
 
 
 def _maskable_sublayers(container) -> list:

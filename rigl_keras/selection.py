@@ -21,6 +21,12 @@ Ties at t, when more of them exist than are needed, are resolved by a second
 radix select on the entries' indices (a cumulative sum would also do, but
 measured 2-3x slower than two histogram passes on CPU for XLA and TF).
 
+That is the accelerator path. Weights in host memory (every weight when
+training on CPU, on any backend) and small weights are selected in NumPy
+instead (`host_top_k_indices`): a strided sample bounds the k-th largest
+value, and np.partition runs only on the ~1.25·k candidates above the bound,
+so many equal scores (-inf outside a mask, zero gradients) cost nothing.
+
 All of this is `keras.ops` except the small helpers `_histogram`,
 `_torch_kth_largest` and `_is_traced`, which are the only backend-specific
 code. Run under `jax.jit` or `tf.function(jit_compile=True)` for speed; it is
@@ -35,7 +41,8 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["top_k_mask", "kth_largest", "select_top_k", "host_top_k_mask", "HOST_BELOW"]
+__all__ = ["top_k_mask", "kth_largest", "select_top_k", "host_top_k_mask", "host_top_k_indices",
+           "HOST_BELOW"]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
@@ -274,21 +281,90 @@ _COMPILED: dict = {}
 HOST_BELOW = 1 << 20
 
 
-def host_top_k_mask(scores, k: int) -> np.ndarray:
-    """`top_k_mask` in NumPy (0 < k < n): partition for the threshold, ties by lower index."""
-    s = np.asarray(keras.ops.convert_to_numpy(scores), dtype=np.float32)
+#: Scores sampled to bound the k-th largest value on the host.
+_HOST_SAMPLE = 1 << 16
+
+
+def _host_candidates(s: np.ndarray, k: int, exclude=None):
+    """(b, idx): at least k eligible scores are >= b, and idx are their indices (ascending).
+
+    b comes from a strided sample so that about 1.25·k + a few scores reach
+    it; if too few do, the sample bound is lowered, and at worst every
+    eligible index is a candidate. Any such b gives the exact top k.
+    """
     n = s.shape[0]
-    threshold = np.partition(s, n - k)[n - k]
-    mask = s > threshold
-    ties = np.flatnonzero(s == threshold)[: k - int(mask.sum())]
-    mask[ties] = True
+    stride = max(1, n // _HOST_SAMPLE)
+    sample = s[::stride]
+    strided = sample.shape[0]
+    if exclude is not None:
+        sample = sample[~exclude[::stride]]
+    sample = np.sort(sample)
+    m = sample.shape[0]
+    rank = int(np.ceil(k * strided / n * 1.25)) + 8
+    while rank < m:
+        b = sample[m - rank]
+        idx = np.flatnonzero(s >= b)
+        if exclude is not None:
+            idx = idx[~exclude[idx]]
+        if idx.shape[0] >= k:
+            return b, idx
+        rank *= 4
+    idx = np.arange(n) if exclude is None else np.flatnonzero(~exclude)
+    return (np.min(s[idx]) if idx.shape[0] else np.float32(0)), idx
+
+
+def host_top_k_indices(scores: np.ndarray, k: int, exclude=None) -> np.ndarray:
+    """Ascending flat indices of the k largest of 1-D float32 NumPy `scores`, ties to the lower index.
+
+    O(n) whatever the ties: the exact selection (np.partition) runs only on
+    the candidates above a sampled bound (`_host_candidates`). np.partition
+    over all n entries slows down 10-20x when most of them are equal (-inf
+    outside a mask, zero gradients), the common case in mask updates.
+
+    Args:
+      scores: 1-D float32 array (finite or -inf).
+      k: 0 <= k <= number of eligible entries.
+      exclude: optional bool array of the same length; True entries are
+        never picked (as if their score were below every other).
+
+    Returns:
+      An int array of k indices.
+    """
+    n = scores.shape[0]
+    if k <= 0:
+        return np.zeros((0,), dtype=np.intp)
+    if exclude is None and k >= n:
+        return np.arange(n)
+    b, idx = _host_candidates(scores, k, exclude)
+    values = scores[idx]
+    above = values[values > b]
+    if above.shape[0] < k:
+        threshold = b  # fewer than k exceed b, at least k reach it
+    else:
+        threshold = np.partition(above, above.shape[0] - k)[above.shape[0] - k]
+    chosen = values > threshold
+    need = k - int(np.count_nonzero(chosen))
+    if need:
+        chosen[np.flatnonzero(values == threshold)[:need]] = True
+    return idx[chosen]
+
+
+def host_top_k_mask(scores, k: int) -> np.ndarray:
+    """`top_k_mask` in NumPy (0 <= k <= n): the same set, ties to the lower index.
+
+    See `host_top_k_indices` for how it stays O(n) with many ties.
+    """
+    s = np.asarray(scores if isinstance(scores, np.ndarray)
+                   else keras.ops.convert_to_numpy(scores), dtype=np.float32).reshape(-1)
+    mask = np.zeros(s.shape[0], dtype=bool)
+    mask[host_top_k_indices(s, k)] = True
     return mask
 
 
 def select_top_k(scores, k: int):
     """`top_k_mask` run the fastest way for its size and the backend.
 
-    Below 2^20 entries: on the host with NumPy (one partition, exact ties).
+    Below 2^20 entries: on the host with NumPy (`host_top_k_indices`).
     Above: JAX `jax.jit` and TensorFlow XLA, compiled once per weight shape
     (`k` is passed as a tensor, so a new k does not recompile); PyTorch eager.
 

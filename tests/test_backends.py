@@ -54,3 +54,25 @@ def test_keras_file_from_another_backend(source, tmp_path):
     assert set(masks) == {"lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel", "conv", "fc"}
     for name, mask in masks.items():
         np.testing.assert_array_equal(mask, expected[name])
+
+
+@pytest.mark.parametrize("size", [12, 1 << 20])
+def test_host_commit_matches_numpy(size):
+    """`backend.assign_masked` (compiled on JAX from 2^20 entries, NumPy elsewhere)
+    sets the mask and resets each variable outside `keep` to its fill value."""
+    from rigl_keras import backend as backend_lib
+
+    rng = np.random.default_rng(0)
+    shape = (size // 4, 4)
+    new_mask = rng.random(shape) < 0.3
+    keep = new_mask & (rng.random(shape) < 0.8)
+    mask = keras.Variable(np.zeros(shape, "uint8"), dtype="uint8", trainable=False)
+    weight = keras.Variable(rng.normal(size=shape).astype("float32"))
+    slot = keras.Variable(rng.normal(size=shape).astype("float32"))
+    w0, s0 = np.array(weight.numpy()), np.array(slot.numpy())
+    backend_lib.assign_masked(mask, new_mask, keep, [(weight, 0.0), (slot, 0.1)])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(mask), new_mask.astype("uint8"))
+    assert keras.backend.standardize_dtype(mask.dtype) == "uint8"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), np.where(keep, w0, 0))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(slot),
+                                  np.where(keep, s0, np.float32(0.1)))

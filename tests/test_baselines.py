@@ -502,7 +502,10 @@ def test_build_captures_gradients_only_where_they_are_read(name):
     method = baselines.get(name)
     model, [callback] = method.build(build_small, 0.5)  # no grow_data: no longer an error
     captured = [w.gradient is not None for w in rk.masked_weights(model)]
-    assert captured and all(c == method.uses_gradients for c in captured)
+    # SNFS's step moves its momentum itself (capture_momentum): it reads no G.
+    assert captured and all(c == (method.uses_gradients and name != "snfs") for c in captured)
+    assert all((w.momentum_beta is not None) == (name == "snfs")
+               for w in rk.masked_weights(model))
     if method.uses_gradients:
         assert callback.source.captured
         model, [callback] = method.build(build_small, 0.5, grow_data=(x, y))
@@ -572,3 +575,147 @@ def test_schedule_equals_tfmot_polynomial_decay():
     constant = report["constant"]
     assert constant["final_sparsity"] == constant["initial_sparsity"] == 0.6
     assert constant["begin_step"] == 5 and constant["frequency"] == 7
+
+
+# --- SNFS with the momentum moved by the training step (capture_momentum) ---
+
+
+def test_snfs_step_moves_the_momentum_by_hand():
+    """With capture_momentum(β) the optimizer step sets m ← β·m + (1 − β)·g: after
+    t steps on one batch with the weights frozen (lr 0), m = (1 − β^t)·g."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), rk.MaskedDense(2, name="d", use_bias=False,
+                                                                 capture_gradients=False)])
+    rk.capture_momentum(model, 0.5)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    [w] = rk.masked_weights(model)
+    kernel = np.array([[0.5, 0], [0.05, 0], [-0.7, 0.3]], "float32")
+    w.mask.assign((kernel != 0).astype(w.mask.dtype))
+    w.variable.assign(kernel)
+    grad = x.T @ (2 * (x @ kernel - y) / y.size)  # the dense gradient, inactive entries too
+    snfs = baselines.SNFSCallback(delta_t=1000, end_step=2000, momentum=0.5)
+    calls = []
+    snfs.after_step = lambda *args: calls.append(args)  # nothing to do between updates
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[snfs])
+    np.testing.assert_allclose(numpy(w.momentum), (1 - 0.5**3) * grad, rtol=1e-5, atol=1e-7)
+    assert calls == [] and w.gradient is None and w.momentum_beta == 0.5
+
+
+def test_snfs_step_momentum_matches_the_callback_momentum():
+    """The same run with the momentum moved in the step or by the callback
+    after each batch: the same momenta (to rounding) and the same masks."""
+    x, y = classification_data(120)
+
+    def run(in_step):
+        keras.utils.set_random_seed(3)
+        model = rk.sparsify(mlp(), 0.8, seed=3, capture_gradients=not in_step)
+        if in_step:
+            rk.capture_momentum(model, 0.9)
+        compile_sgd(model)
+        snfs = baselines.SNFSCallback(delta_t=3, alpha=0.3, end_step=12, check_invariants=True)
+        model.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0, callbacks=[snfs])
+        return masks(model), {w.name: numpy(w.momentum) for w in rk.masked_weights(model)}
+
+    (masks_step, momenta_step), (masks_callback, momenta_callback) = run(True), run(False)
+    for name in masks_step:
+        np.testing.assert_allclose(momenta_step[name], momenta_callback[name],
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(masks_step[name], masks_callback[name])
+
+
+def test_snfs_registry_model_moves_its_momentum_in_the_step(tmp_path):
+    model, [snfs] = baselines.get("snfs").build(lambda width: mlp(width), 0.8, delta_t=2)
+    weights = rk.masked_weights(model)
+    assert all(w.momentum_beta == 0.9 and w.gradient is None for w in weights)
+    compile_sgd(model)
+    x, y = classification_data(80)
+    model.fit(x, y, batch_size=20, epochs=2, verbose=0, callbacks=[snfs])
+    assert snfs._in_step and any(np.any(numpy(w.momentum) != 0) for w in weights)
+    # Saved and loaded: the momenta come back (as plain momenta), and
+    # capture_momentum turns them into step-moved ones again, values kept.
+    model.save(tmp_path / "snfs.keras")
+    loaded = keras.saving.load_model(tmp_path / "snfs.keras")
+    for w, v in zip(weights, rk.masked_weights(loaded)):
+        np.testing.assert_array_equal(numpy(v.momentum), numpy(w.momentum))
+        assert v.momentum_beta is None
+    with pytest.raises(ValueError, match="compile it again"):
+        rk.capture_momentum(loaded, 0.9)  # its restored optimizer is built
+    compile_sgd(loaded)
+    rk.capture_momentum(loaded, 0.9)
+    for w, v in zip(weights, rk.masked_weights(loaded)):
+        np.testing.assert_array_equal(numpy(v.momentum), numpy(w.momentum))
+        assert v.momentum.trainable and v.momentum_beta == 0.9
+    assert len(loaded.weights) == len(model.weights)  # the plain ones were replaced
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("beta", "β = \\[0.5\\]"),
+    ("partial", "only some masked weights"),
+    ("grow_data", "grow_data"),
+    ("loss_scale", "loss scaling"),
+    ("accumulation", "gradient_accumulation_steps"),
+])
+def test_snfs_refuses_a_step_momentum_it_cannot_use_before_training(problem, match):
+    x, y = classification_data(40)
+    model = rk.sparsify(mlp(), 0.8, capture_gradients=False)
+    if problem == "partial":
+        rk.masked_weights(model)[0].capture_momentum(0.9)
+    else:
+        rk.capture_momentum(model, 0.5 if problem == "beta" else 0.9)
+    optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=2 if problem == "accumulation" else None)
+    if problem == "loss_scale":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    snfs = baselines.SNFSCallback(delta_t=2, grow_data=(x, y) if problem == "grow_data" else None)
+    before = [numpy(v) for v in model.weights]
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[snfs])
+    assert all(np.array_equal(a, numpy(v)) for a, v in zip(before, model.weights))
+
+
+def test_capture_momentum_refuses_a_built_optimizer_and_bad_beta():
+    x, y = classification_data(40)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="already built"):
+        rk.capture_momentum(model)
+    with pytest.raises(ValueError, match="momentum"):
+        rk.capture_momentum(rk.sparsify(mlp(), 0.8), 1.0)
+    with pytest.raises(ValueError, match="no masked weight"):
+        rk.capture_momentum(mlp())
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch",
+                    reason="Keras' torch trainer rejects steps_per_execution > 1")
+def test_snfs_step_momentum_allows_steps_per_execution():
+    x, y = classification_data(80)
+    model = rk.sparsify(mlp(), 0.8, capture_gradients=False)
+    rk.capture_momentum(model, 0.9)
+    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), steps_per_execution=2)
+    snfs = baselines.SNFSCallback(delta_t=2, end_step=8, check_invariants=True)
+    before = masks(model)
+    history = model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[snfs])
+    assert history.history["mask_updates"] == [3]  # steps 2, 4, 6 (end_step 8 exclusive)
+    assert any(np.any(before[n] != m) for n, m in masks(model).items())
+
+
+def test_snfs_step_momentum_keeps_entries_whose_gradient_is_not_finite():
+    """One output's target is inf: its column of ∂L/∂W is not finite and keeps
+    M (here 0); the other column moves to (1 − β)·g."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 3)).astype("float32")
+    y = np.stack([rng.normal(size=4), np.full(4, np.inf)], axis=1).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), rk.MaskedDense(2, use_bias=False,
+                                                                 capture_gradients=False)])
+    rk.capture_momentum(model, 0.5)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    [w] = rk.masked_weights(model)
+    kernel = numpy(w.variable)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    momentum = numpy(w.momentum)
+    grad = x.T @ (2 * (x @ kernel[:, :1] - y[:, :1]) / y.size)
+    np.testing.assert_allclose(momentum[:, :1], 0.5 * grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(momentum[:, 1], 0.0)

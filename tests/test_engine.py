@@ -277,3 +277,53 @@ def test_dense_weight_stays_dense_and_untouched():
     assert result.changed == 0 and result.active == 12
     np.testing.assert_array_equal(npv(w.variable), kernel)
     np.testing.assert_array_equal(npv(w.mask), 1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    density=st.sampled_from([0.05, 0.3, 0.9]),
+    fraction=st.floats(0.0, 1.0),
+    ties=st.booleans(),
+    grow_more=st.booleans(),
+)
+def test_host_and_device_paths_agree(seed, density, fraction, ties, grow_more):
+    """Weights in host memory (every CPU run) take the NumPy path, weights on an
+    accelerator the `keras.ops` one with the compiled radix select; both give
+    the same masks, weights, optimizer state and counts, ties included."""
+    from unittest import mock
+
+    from rigl_keras import selection
+
+    rng = np.random.default_rng(seed)
+    mask = random_mask((40, 30), int(density * 1200), rng)
+    kernel = (rng.normal(size=(40, 30)) * mask).astype("float32")
+    grow = rng.random((40, 30)).astype("float32")
+    if ties:  # many equal magnitudes and scores
+        kernel, grow = np.round(kernel, 1), np.round(grow, 1)
+    momentum = (rng.normal(size=(40, 30)) * mask).astype("float32")
+    n_active = int(mask.sum())
+    n_drop = int(fraction * n_active)
+    n_grow = min(1200 - (n_active - n_drop), n_drop + 7) if grow_more else n_drop
+
+    def update(device):
+        w = _weight(30, 40)
+        w.mask.assign(mask)
+        w.variable.assign(kernel)
+        slot = keras.Variable(momentum)
+        patches = [mock.patch.object(engine, "_ops_for", lambda x: engine._DEVICE),
+                   mock.patch.object(selection, "HOST_BELOW", 0)] if device else []
+        for patch in patches:
+            patch.start()
+        try:
+            result = engine.drop_grow(w, n_drop, grow, [slot], n_grow=n_grow)
+        finally:
+            for patch in patches:
+                patch.stop()
+        return result, npv(w.mask), npv(w.variable), npv(slot)
+
+    host, device = update(False), update(True)
+    assert host[0] == device[0]
+    for got, expected in zip(host[1:], device[1:]):
+        np.testing.assert_array_equal(got, expected)
+    assert host[1].sum() == n_active - n_drop + n_grow
