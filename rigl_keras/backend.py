@@ -139,11 +139,7 @@ def apply_mask(weight, mask):
         weight = tf.convert_to_tensor(weight)
         return tf.math.multiply_no_nan(weight, tf.cast(mask, weight.dtype))
     if backend == "torch":
-        import torch
-
-        # Eager: torch's own ops skip keras.ops' per-call conversions.
-        return torch.where(mask != 0, weight, torch.zeros((), dtype=weight.dtype,
-                                                           device=weight.device))
+        return _torch_masked(weight, mask, None)
     return ops.where(ops.not_equal(mask, 0), weight, ops.zeros_like(weight))
 
 
@@ -162,15 +158,14 @@ def masked_value(weight, mask, grad=None, momentum=None, beta: float = 0.0):
     step itself moves the average (entries whose gradient is not finite keep
     their M).
     """
-    effective = apply_mask(weight, mask)
     torch_backend = keras.backend.backend() == "torch"
-    if grad is not None:
-        g = _value(grad)
-        if torch_backend:  # eager: torch's own ops skip keras.ops' per-call conversions
-            g = g.to(effective.dtype)
-            effective = effective + (g - g.detach())
-        else:
-            g = ops.cast(g, effective.dtype)
+    if torch_backend:  # one autograd function: eager torch pays for every extra op
+        effective = _torch_masked(_value(weight), _value(mask),
+                                  None if grad is None else _value(grad))
+    else:
+        effective = apply_mask(weight, mask)
+        if grad is not None:
+            g = ops.cast(_value(grad), effective.dtype)
             effective = effective + (g - ops.stop_gradient(g))
     if momentum is not None:
         # A tensor, not the variable: tf.custom_gradient treats variables used
@@ -205,6 +200,41 @@ def _with_moving_average(effective, m, beta: float):
 
 
 _TORCH_FUNCTION: list = []
+_TORCH_MASKED: list = []
+
+
+def _torch_masked(weight, mask, grad):
+    """PyTorch: `where(mask, weight, 0)`, plus G's pass-through gradient if `grad`.
+
+    Forward one compare and one select; backward one select for the weight,
+    and the upstream gradient itself for G (what `+ (G − G.detach())` gives,
+    without its two elementwise ops).
+    """
+    if not _TORCH_MASKED:
+        import torch
+
+        class Masked(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, weight, mask, grad):
+                keep = mask != 0
+                ctx.save_for_backward(keep)
+                return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype,
+                                                             device=weight.device))
+
+            @staticmethod
+            def backward(ctx, upstream):
+                (keep,) = ctx.saved_tensors
+                weight_grad = None
+                if ctx.needs_input_grad[0]:
+                    weight_grad = torch.where(keep, upstream, torch.zeros(
+                        (), dtype=upstream.dtype, device=upstream.device))
+                return weight_grad, None, upstream if ctx.needs_input_grad[2] else None
+
+        _TORCH_MASKED.append(Masked)
+    weight, mask = ops.convert_to_tensor(weight), ops.convert_to_tensor(mask)
+    if grad is not None:
+        grad = ops.convert_to_tensor(grad).to(weight.dtype)
+    return _TORCH_MASKED[0].apply(weight, mask, grad)
 
 
 def _TorchMovingAverage():

@@ -300,9 +300,10 @@ def capture_momentum(model: keras.Model, momentum: float = 0.9) -> None:
     loss-scale optimizer or `gradient_accumulation_steps` (where Keras does
     not pass the plain gradient through), with `grow_data`, or with another β.
 
-    The variables are saved with the model; a `.keras` file loads them as
-    plain (callback-updated) momenta: compile the loaded model again and
-    call this to get the fast path back (the values are kept).
+    The masked layers record it in their configs (`capture_momentum=β`), so
+    a `.keras` file loads with it and with the momenta's values. A model
+    whose momenta were made by the callback can be switched later: compile
+    it (again) and call this; the values are kept.
 
     Args:
       model: a sparsified model (`rigl_keras.sparsify`) whose optimizer is
@@ -326,9 +327,14 @@ def capture_momentum(model: keras.Model, momentum: float = 0.9) -> None:
             "the new momentum variables. Call capture_momentum before the first fit (a "
             "loaded model comes with a built optimizer: compile it again first)."
         )
+    from rigl_keras.layers import MaskedWeightsMixin
+
     with gradients_backend.creation_scope(model):
         for w in weights:
             w.capture_momentum(float(momentum))
+            for layer in w.chain + (w.layer,):  # recorded in the configs: files keep it
+                if isinstance(layer, MaskedWeightsMixin):
+                    object.__setattr__(layer, "capture_momentum", float(momentum))
     model.train_function = None  # traced without the momentum term
 
 

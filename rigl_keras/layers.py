@@ -325,13 +325,17 @@ class MaskedWeightsMixin:
 
     rigl_maskable_weights: tuple[str, ...] = ()
 
-    def __init__(self, *args, capture_gradients: bool = True, **kwargs):
+    def __init__(self, *args, capture_gradients: bool = True, capture_momentum=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.capture_gradients = bool(capture_gradients)
+        object.__setattr__(self, "capture_momentum",
+                           None if capture_momentum is None else float(capture_momentum))
 
     def get_config(self):
         config = super().get_config()
         config["capture_gradients"] = self.capture_gradients
+        if self.capture_momentum is not None:  # set by rigl_keras.capture_momentum
+            config["capture_momentum"] = self.capture_momentum
         return config
 
     def build(self, *args, **kwargs):
@@ -345,6 +349,11 @@ class MaskedWeightsMixin:
         _attach(self, self.capture_gradients)
         for sublayer in _maskable_sublayers(self):
             mask_in_place(sublayer, self.capture_gradients)
+        if self.capture_momentum is not None:  # a loaded `capture_momentum` model
+            for layer in [self] + [s for s in self._flatten_layers(include_self=False)
+                                   if is_masked(s)]:
+                for attribute in declared_weights(layer):
+                    MaskedWeight(layer, attribute).capture_momentum(self.capture_momentum)
 
     # -- saving -------------------------------------------------------------
     def _saved_variables(self) -> list:
@@ -567,6 +576,7 @@ def mask_in_place(layer, capture_gradients: bool = True) -> None:
     cls = masked_class(type(layer))
     layer.__class__ = cls
     object.__setattr__(layer, "capture_gradients", bool(capture_gradients))
+    object.__setattr__(layer, "capture_momentum", None)
     _attach(layer, capture_gradients)
     for sublayer in _maskable_sublayers(layer):
         mask_in_place(sublayer, capture_gradients)

@@ -633,21 +633,37 @@ def test_snfs_registry_model_moves_its_momentum_in_the_step(tmp_path):
     x, y = classification_data(80)
     model.fit(x, y, batch_size=20, epochs=2, verbose=0, callbacks=[snfs])
     assert snfs._in_step and any(np.any(numpy(w.momentum) != 0) for w in weights)
-    # Saved and loaded: the momenta come back (as plain momenta), and
-    # capture_momentum turns them into step-moved ones again, values kept.
+    # Saved and loaded: the momenta come back, still moved by the step.
     model.save(tmp_path / "snfs.keras")
     loaded = keras.saving.load_model(tmp_path / "snfs.keras")
     for w, v in zip(weights, rk.masked_weights(loaded)):
         np.testing.assert_array_equal(numpy(v.momentum), numpy(w.momentum))
-        assert v.momentum_beta is None
+        assert v.momentum.trainable and v.momentum_beta == 0.9
+    loaded.fit(x, y, batch_size=20, epochs=1, verbose=0,
+               callbacks=[baselines.SNFSCallback(delta_t=2)])
+
+
+def test_capture_momentum_switches_a_callback_momentum_model(tmp_path):
+    """Momenta made by the callback (a model without capture_momentum), saved and
+    loaded, become step-moved ones with their values once the model is recompiled."""
+    x, y = classification_data(80)
+    model = compile_sgd(rk.sparsify(mlp(), 0.8))
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0,
+              callbacks=[baselines.SNFSCallback(delta_t=2)])
+    model.save(tmp_path / "plain.keras")
+    loaded = keras.saving.load_model(tmp_path / "plain.keras")
+    assert all(v.momentum_beta is None and not v.momentum.trainable
+               for v in rk.masked_weights(loaded))
     with pytest.raises(ValueError, match="compile it again"):
         rk.capture_momentum(loaded, 0.9)  # its restored optimizer is built
     compile_sgd(loaded)
     rk.capture_momentum(loaded, 0.9)
-    for w, v in zip(weights, rk.masked_weights(loaded)):
+    for w, v in zip(rk.masked_weights(model), rk.masked_weights(loaded)):
         np.testing.assert_array_equal(numpy(v.momentum), numpy(w.momentum))
         assert v.momentum.trainable and v.momentum_beta == 0.9
     assert len(loaded.weights) == len(model.weights)  # the plain ones were replaced
+    loaded.fit(x, y, batch_size=20, epochs=1, verbose=0,
+               callbacks=[baselines.SNFSCallback(delta_t=2)])
 
 
 @pytest.mark.parametrize("problem, match", [

@@ -251,3 +251,18 @@ def test_sweep_seed_ranges_share_one_directory(tmp_path):
     assert "| Static | 2.500 ± 0.707 |" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="seeds_from"):
         reproduce_char_lm.plan(dataclasses.replace(base, seeds_from=-1))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="flag parsing is backend-independent")
+def test_sweep_help_lists_its_flags():
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, os.path.join("examples", "reproduce_char_lm.py"), "--help"],
+        cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True,
+        text=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # absl's --help exits 1
+    for flag in ("--methods", "--sparsities", "--seeds", "--seeds_from", "--steps",
+                 "--[no]summarize_only", "--output_dir"):
+        assert f"  {flag}:" in done.stdout, (flag, done.stdout[-1500:])
