@@ -320,9 +320,12 @@ def load_results(output_dir: str) -> dict[str, dict]:
 
 def write_csv(output_dir: str, rows: dict[str, dict]) -> str:
     """Writes every row to output_dir/results.csv (atomically); returns its path."""
-    columns = list(_FIRST_COLUMNS)
-    for row in rows.values():
+    columns = ["run_id"]
+    for row in [dict.fromkeys(_FIRST_COLUMNS)] + list(rows.values()):
         columns += [k for k in row if k not in columns]
+    # Only columns some run has a value in (the experiment's own keys).
+    columns = [c for c in columns
+               if c == "run_id" or any(row.get(c) is not None for row in rows.values())]
     path = os.path.join(output_dir, "results.csv")
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
