@@ -175,7 +175,7 @@ def masked_value(weight, mask, grad=None, momentum=None, beta: float = 0.0):
         # inside it as captured state and would give them no gradient.
         m = ops.convert_to_tensor(_value(momentum))
         if torch_backend:
-            effective = _TorchMovingAverage().apply(effective, m, float(beta))
+            effective = _torch_moving_average().apply(effective, m, float(beta))
         else:
             effective = _with_moving_average(effective, m, float(beta))
     return effective
@@ -256,7 +256,7 @@ def _torch_masked(weight, mask, grad):
     return _TORCH_MASKED[0].apply(weight, mask, grad)
 
 
-def _TorchMovingAverage():
+def _torch_moving_average():
     """`_with_moving_average` as a torch.autograd.Function (lighter than Keras' wrapper)."""
     if not _TORCH_FUNCTION:
         import torch
