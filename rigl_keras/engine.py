@@ -77,15 +77,12 @@ class _HostOps:
     on JAX, their compiles).
     """
 
-    not_equal, equal = staticmethod(np.not_equal), staticmethod(np.equal)
+    not_equal, logical_not = staticmethod(np.not_equal), staticmethod(np.logical_not)
     logical_or, logical_and = staticmethod(np.logical_or), staticmethod(np.logical_and)
-    logical_not, where = staticmethod(np.logical_not), staticmethod(np.where)
     abs, isfinite, all = staticmethod(np.abs), staticmethod(np.isfinite), staticmethod(np.all)
     max, min, sum = staticmethod(np.max), staticmethod(np.min), staticmethod(np.sum)
-    reshape, multiply = staticmethod(np.reshape), staticmethod(np.multiply)
-    zeros_like, full_like = staticmethod(np.zeros_like), staticmethod(np.full_like)
-
-    count_nonzero = staticmethod(np.count_nonzero)
+    reshape, where = staticmethod(np.reshape), staticmethod(np.where)
+    zeros_like, count_nonzero = staticmethod(np.zeros_like), staticmethod(np.count_nonzero)
 
     @staticmethod
     def cast(x, dtype):
