@@ -31,6 +31,10 @@ finishes in a few minutes on two CPU cores: 128 GRU units, 32-d embedding,
 64-character windows, batch 32, Adam at 2e-3 with a cosine decay, gradient
 norm clipped at 1.
 
+The sweep over methods, sparsities and seeds is examples/reproduce_char_lm.py;
+its measured table and plot (RigL against pruning, as in the talk) are in
+docs/results.md.
+
 Data: examples/text_data.py. --source=auto uses the King James Bible from
 Debian's `bible-kjv` package (`make text-data`), split 90/5/5 by position;
 --source=file --data_dir=PATH uses any UTF-8 text file.
