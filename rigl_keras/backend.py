@@ -250,10 +250,19 @@ def _torch_masked(weight, mask, grad):
                 return weight_grad, None, upstream if ctx.needs_input_grad[2] else None
 
         _TORCH_MASKED.append(Masked)
-    weight, mask = ops.convert_to_tensor(weight), ops.convert_to_tensor(mask)
+    # Layers pass torch tensors; only arrays (the public function's other
+    # inputs) need converting, which costs Python time on every step.
+    weight, mask, grad = (x if x is None or _is_torch_tensor(x) else ops.convert_to_tensor(x)
+                          for x in (weight, mask, grad))
     if grad is not None:
-        grad = ops.convert_to_tensor(grad).to(weight.dtype)
+        grad = grad.to(weight.dtype)
     return _TORCH_MASKED[0].apply(weight, mask, grad)
+
+
+def _is_torch_tensor(x) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
 
 
 def _torch_moving_average():
