@@ -111,6 +111,36 @@ def test_training_step_leaves_stored_kernel_zero_outside_mask():
     assert np.all(after[mask == 1] != before[mask == 1])
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16", "float64"])
+def test_forward_follows_every_mask_change(policy):
+    """The mask is read afresh after each change (torch caches a bit pattern
+    per mask version), in every compute dtype, with garbage outside the mask."""
+    layer = rk.MaskedDense(5, use_bias=False, dtype=policy)
+    layer.build((None, 6))
+    w = _weight(layer)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 6)).astype("float32")
+    kernel = rng.normal(size=(6, 5))
+    w.variable.assign(kernel)
+    compute = layer.compute_dtype
+    for _ in range(3):
+        mask = rng.random((6, 5)) < 0.5
+        w.mask.assign(mask.astype(w.mask.dtype))
+        stored = npv(w.variable).astype("float64")
+        expected = x.astype(compute).astype("float64") @ np.where(
+            mask, stored.astype(compute).astype("float64"), 0.0)
+        out = npv(layer(x)).astype("float64")
+        np.testing.assert_allclose(out, expected, rtol=1e-2 if "mixed" in policy else 1e-5,
+                                   atol=1e-2 if "mixed" in policy else 1e-6)
+        np.testing.assert_array_equal(npv(layer.kernel)[~mask], 0)
+        # An entry assigned outside the mask stays invisible.
+        garbage = stored.copy()
+        garbage[~mask] = np.nan
+        w.variable.assign(garbage)
+        np.testing.assert_array_equal(npv(layer(x)).astype("float64"), out)
+        w.variable.assign(stored)
+
+
 def _model():
     inputs = keras.Input((6, 6, 3))
     x = rk.MaskedConv2D(4, 3, activation="relu", name="c")(inputs)
