@@ -5,8 +5,10 @@ capture, SET, RigL (ΔT = 100, gradients captured from the training step),
 SNFS (its moving average moved by the training step, `capture_momentum`; and,
 for comparison, updated by the callback after every batch from the captured
 gradient) and gradual magnitude pruning are timed in one process, interleaved
-round by round; the script prints each one's median step time and its ratio
-to dense. Absolute times depend on the machine; the ratios are what to compare.
+round by round; the script prints each one's median (over rounds) of the time
+per step within an epoch (callbacks' per-batch work, connectivity updates and
+input included; epoch set-up and tear-down not), and its ratio to dense. Absolute times depend on the machine; the
+ratios are what to compare.
 
     python benchmarks/step_time.py --backend {tensorflow,jax,torch} [--steps 300] [--rounds 5]
 """
@@ -50,18 +52,41 @@ def compiled(model):
     return model
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Wall time of each epoch (the first, which traces, is dropped later)."""
+class StepClock:
+    """Time per step inside an epoch: from the first callback's begin of the
+    first batch to the last callback's end of the last batch, so it includes
+    every callback's per-batch work, connectivity updates and fetching the
+    batches.
+
+    Epoch boundaries are left out: on TensorFlow, whole epochs of the same
+    model take ~0.4 s longer at random, outside every step (setting up and
+    tearing down the epoch's input pipeline).
+    """
 
     def __init__(self):
-        super().__init__()
-        self.times = []
+        self.total = 0.0
+        self.steps = 0
+        clock = self
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        class Start(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                if clock._first is None:
+                    clock._first = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
+        class Stop(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                clock._last = time.perf_counter()
+                clock.steps += 1
+
+            def on_epoch_end(self, epoch, logs=None):
+                clock.total += clock._last - clock._first
+
+        self._first = self._last = None
+        self.start, self.stop = Start(), Stop()
+
+    def around(self, callbacks: list) -> list:
+        """`callbacks` between the clock's start and stop callbacks."""
+        return [self.start, *callbacks, self.stop]
 
 
 def main() -> None:
@@ -107,11 +132,11 @@ def main() -> None:
     # noise hits every configuration alike.
     for round_ in range(args.rounds + 1):
         for name, (model, callbacks) in configs.items():
-            timer = EpochTimer()
+            clock = StepClock()
             history = model.fit(x, y, batch_size=args.batch_size, epochs=round_ + 1,
-                                initial_epoch=round_, verbose=0, callbacks=callbacks + [timer])
+                                initial_epoch=round_, verbose=0, callbacks=clock.around(callbacks))
             if round_ > 0:
-                times[name].append(timer.times[-1] / args.steps)
+                times[name].append(clock.total / clock.steps)
                 updates[name] += int(history.history.get("mask_updates", [0])[-1])
 
     dense = statistics.median(times["dense"])

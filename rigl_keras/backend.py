@@ -140,7 +140,7 @@ def apply_mask(weight, mask):
         weight = tf.convert_to_tensor(weight)
         return tf.math.multiply_no_nan(weight, tf.cast(mask, weight.dtype))
     if backend == "torch":
-        return _torch_masked(weight, mask, None)
+        return _torch_masked(weight, mask)
     return ops.where(ops.not_equal(mask, 0), weight, ops.zeros_like(weight))
 
 
@@ -159,26 +159,21 @@ def masked_value(weight, mask, grad=None, momentum=None, beta: float = 0.0):
     step itself moves the average (entries whose gradient is not finite keep
     their M).
     """
-    torch_backend = keras.backend.backend() == "torch"
-    if torch_backend:  # one autograd function: eager torch pays for every extra op
-        effective = _torch_masked(_value(weight), _value(mask),
-                                  None if grad is None else _value(grad))
-    else:
-        effective = apply_mask(weight, mask)
-        if grad is not None:
-            g = ops.cast(_value(grad), effective.dtype)
-            if keras.backend.backend() == "tensorflow":  # graph ops are not fused: fewer is faster
-                effective = _with_capture(effective, g)
-            else:  # XLA fuses the add and subtract (a custom VJP measured slower on JAX)
-                effective = effective + (g - ops.stop_gradient(g))
+    if keras.backend.backend() == "torch":
+        return _torch_masked(*(None if x is None else _value(x)
+                               for x in (weight, mask, grad, momentum)), beta)
+    effective = apply_mask(weight, mask)
+    if grad is not None:
+        g = ops.cast(_value(grad), effective.dtype)
+        if keras.backend.backend() == "tensorflow":  # graph ops are not fused: fewer is faster
+            effective = _with_capture(effective, g)
+        else:  # XLA fuses the add and subtract (a custom VJP measured slower on JAX)
+            effective = effective + (g - ops.stop_gradient(g))
     if momentum is not None:
         # A tensor, not the variable: tf.custom_gradient treats variables used
         # inside it as captured state and would give them no gradient.
         m = ops.convert_to_tensor(_value(momentum))
-        if torch_backend:
-            effective = _torch()[2](effective, m, float(beta))
-        else:
-            effective = _with_moving_average(effective, m, float(beta))
+        effective = _with_moving_average(effective, m, float(beta))
     return effective
 
 
@@ -254,59 +249,53 @@ def _torch():
 
         class Masked(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, weight, mask, grad):
+            def forward(ctx, weight, mask, grad, momentum, beta):
                 # An intermediate, not an input: kept on ctx (cheaper than
                 # save_for_backward); a new mask makes a new pattern.
                 ctx.bits = bits = keep_bits(mask, weight.dtype)
+                if momentum is not None:
+                    ctx.save_for_backward(momentum)
+                    ctx.beta = beta
                 return (weight.view(bits.dtype) & bits).view(weight.dtype)
 
             @staticmethod
             def backward(ctx, upstream):
                 bits = ctx.bits
-                weight_grad = None
+                weight_grad = average = None
                 if ctx.needs_input_grad[0]:
                     weight_grad = (upstream.view(bits.dtype) & bits).view(upstream.dtype)
-                return weight_grad, None, upstream if ctx.needs_input_grad[2] else None
+                if ctx.needs_input_grad[3]:
+                    (m,) = ctx.saved_tensors
+                    average = _torch_average(m, upstream.to(m.dtype), ctx.beta)
+                grad = upstream if ctx.needs_input_grad[2] else None
+                return weight_grad, None, grad, average, None
 
-        class MovingAverage(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, effective, m, beta):
-                ctx.save_for_backward(m)
-                ctx.beta = beta
-                return effective.view_as(effective)
-
-            @staticmethod
-            def backward(ctx, upstream):
-                (m,) = ctx.saved_tensors
-                return upstream, _torch_average(m, upstream.to(m.dtype), ctx.beta), None
-
-        _TORCH.append((torch.Tensor, Masked.apply, MovingAverage.apply))
+        _TORCH.append((torch.Tensor, Masked.apply))
     return _TORCH[0]
 
 
-def _torch_masked(weight, mask, grad):
-    """PyTorch: `where(mask, weight, 0)`, plus G's pass-through gradient if `grad`.
+def _torch_masked(weight, mask, grad=None, momentum=None, beta: float = 0.0):
+    """PyTorch: `masked_value` as one autograd function (eager torch pays
+    Python time for every op and function).
 
     The select is a bitwise AND of the weight's bits with an all-ones or
     all-zeros integer pattern per entry: exactly the select's result (NaN
     and Inf outside the mask give +0), but a vectorized integer op, where
     CPU builds of torch run `where` and comparisons one entry at a time
-    (~10x slower on a 784x300 kernel). Backward the same AND on the upstream
-    gradient for the weight, and the upstream gradient itself for G (what
-    `+ (G − G.detach())` gives, without its two elementwise ops).
+    (~10x slower on a 784x300 kernel). Backward: the same AND on the
+    upstream gradient for the weight; the upstream gradient itself for G
+    (what `+ (G − G.detach())` gives, without its two elementwise ops); the
+    moving average for M.
     """
-    tensor, masked, _ = _torch()
+    tensor, masked = _torch()
     # Layers pass torch tensors; only arrays (the public function's other
     # inputs) need converting, which costs Python time on every step.
-    if not isinstance(weight, tensor):
-        weight = ops.convert_to_tensor(weight)
-    if not isinstance(mask, tensor):
-        mask = ops.convert_to_tensor(mask)
+    weight, mask, grad, momentum = (
+        x if x is None or isinstance(x, tensor) else ops.convert_to_tensor(x)
+        for x in (weight, mask, grad, momentum))
     if grad is not None:
-        if not isinstance(grad, tensor):
-            grad = ops.convert_to_tensor(grad)
         grad = grad.to(weight.dtype)
-    return masked(weight, mask, grad)
+    return masked(weight, mask, grad, momentum, float(beta))
 
 
 def _torch_average(m, up, beta: float):
