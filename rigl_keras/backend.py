@@ -99,9 +99,31 @@ def assign_masked(mask, new_mask: np.ndarray, keep: np.ndarray, resets) -> None:
             variable.assign(value)
         return
     mask.assign(new_mask.astype(keras.backend.standardize_dtype(mask.dtype)))
+    keep_bits = None
     for variable, fill in resets:
         value = to_host(variable)  # read before the assign: it may be a view
-        variable.assign(np.where(keep, value, value.dtype.type(fill)))
+        if keep_bits is None or keep_bits.dtype.itemsize != value.dtype.itemsize:
+            keep_bits = host_keep_bits(keep, value.dtype)
+        variable.assign(host_select(keep_bits, value, fill))
+
+
+def host_keep_bits(keep: np.ndarray, dtype) -> np.ndarray:
+    """-1 (all bits set) where bool `keep` is True, else 0, as the signed
+    integer type of `dtype`'s size (for `host_select`)."""
+    return -keep.view(np.int8).astype(np.dtype(f"i{np.dtype(dtype).itemsize}"))
+
+
+def host_select(keep_bits: np.ndarray, value: np.ndarray, fill) -> np.ndarray:
+    """`np.where(keep, value, fill)` for a float array, bit for bit, from
+    `host_keep_bits(keep, value.dtype)`: two or three integer passes without
+    branches (np.where measured 4-12x slower, the more so the more random
+    the pattern)."""
+    int_type = keep_bits.dtype
+    out = value.view(int_type) & keep_bits
+    fill_bits = np.asarray(fill, value.dtype).view(int_type)
+    if fill_bits != 0:
+        out |= fill_bits & ~keep_bits
+    return out.view(value.dtype)
 
 
 _JAX_COMMIT: list = []

@@ -605,19 +605,43 @@ def prune(weight, n_keep: int, slots=(), score=None, optimizer=None) -> UpdateRe
       An `UpdateResult` whose `changed` counts removed connections.
     """
     xp = _ops_for(weight.variable)
+    if xp is _HOST:
+        return _host_prune_weight(weight, n_keep, score, slots, optimizer)
     mask = _on(xp, weight.mask)
     n_active = _count(xp, mask)
     score = xp.abs(_on(xp, weight.variable)) if score is None else _on(xp, score)
     if not _all_finite(xp, xp.where(xp.not_equal(mask, 0), score, 0)):
-        warnings.warn(
-            f"rigl_keras: non-finite weights in {weight.name!r}; its pruning step is skipped.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return UpdateResult(weight.name, n_active, 0, skipped=True, reason="non-finite")
+        return _skip_pruning(weight, n_active)
     n_keep = min(n_keep, n_active)
     if n_keep == n_active:
         return UpdateResult(weight.name, n_active, 0)
     keep = prune_mask(mask, score, n_keep)
     commit(weight, keep, keep, slots, optimizer)
     return UpdateResult(weight.name, n_keep, n_active - n_keep)
+
+
+def _host_prune_weight(weight, n_keep, score, slots, optimizer) -> UpdateResult:
+    """`prune` for a weight in host memory: the selection runs on the active
+    entries only (ties to the lower index, as `prune_mask`)."""
+    active = _flat(weight.mask) != 0
+    act_idx = np.flatnonzero(active)
+    n_active = act_idx.shape[0]
+    values = np.abs(_flat(weight.variable)[act_idx]) if score is None else _flat(score)[act_idx]
+    if not _host_finite(values):
+        return _skip_pruning(weight, n_active, stacklevel=4)
+    n_keep = min(n_keep, n_active)
+    if n_keep == n_active:
+        return UpdateResult(weight.name, n_active, 0)
+    keep = np.zeros(active.shape, dtype=bool)
+    keep[act_idx[host_top_k_indices(values, n_keep)]] = True
+    commit(weight, keep, keep, slots, optimizer)
+    return UpdateResult(weight.name, n_keep, n_active - n_keep)
+
+
+def _skip_pruning(weight, n_active: int, stacklevel: int = 3) -> UpdateResult:
+    warnings.warn(
+        f"rigl_keras: non-finite weights in {weight.name!r}; its pruning step is skipped.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+    return UpdateResult(weight.name, n_active, 0, skipped=True, reason="non-finite")

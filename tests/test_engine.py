@@ -316,14 +316,44 @@ def test_host_and_device_paths_agree(seed, density, fraction, ties, grow_more):
         for patch in patches:
             patch.start()
         try:
-            result = engine.drop_grow(w, n_drop, grow, [slot], n_grow=n_grow)
+            if prune:
+                result = engine.prune(w, n_active - n_drop, [slot])
+            else:
+                result = engine.drop_grow(w, n_drop, grow, [slot], n_grow=n_grow)
         finally:
             for patch in patches:
                 patch.stop()
         return result, npv(w.mask), npv(w.variable), npv(slot)
 
-    host, device = update(False), update(True)
-    assert host[0] == device[0]
-    for got, expected in zip(host[1:], device[1:]):
-        np.testing.assert_array_equal(got, expected)
-    assert host[1].sum() == n_active - n_drop + n_grow
+    for prune in (False, True):
+        host, device = update(False), update(True)
+        assert host[0] == device[0]
+        for got, expected in zip(host[1:], device[1:]):
+            np.testing.assert_array_equal(got, expected)
+        assert host[1].sum() == n_active - n_drop + (0 if prune else n_grow)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(["float16", "float32", "float64"]),
+    fill=st.sampled_from([0.0, -0.0, 0.1, 1.0, float("nan"), float("-inf")]),
+    size=st.integers(0, 300),
+)
+def test_host_select_is_np_where_bit_for_bit(seed, dtype, fill, size):
+    """The commit's bitwise select equals np.where exactly: NaN, Inf and signed
+    zeros in the values, any fill, every float width."""
+    from rigl_keras import backend as rk_backend
+
+    rng = np.random.default_rng(seed)
+    value = rng.normal(size=size).astype(dtype)
+    specials = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0], dtype)
+    where = rng.random(size) < 0.2
+    value[where] = rng.choice(specials, int(where.sum()))
+    keep = rng.random(size) < rng.random()
+    bits = rk_backend.host_keep_bits(keep, value.dtype)
+    got = rk_backend.host_select(bits, value, fill)
+    expected = np.where(keep, value, value.dtype.type(fill))
+    assert got.dtype == value.dtype
+    int_type = f"i{value.dtype.itemsize}"
+    np.testing.assert_array_equal(got.view(int_type), expected.view(int_type))
