@@ -202,6 +202,21 @@ def test_non_finite_gradient_outside_the_mask_does_not_reach_the_weight():
     np.testing.assert_array_equal(grad_g, upstream)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile")
+def test_torch_mask_traced_by_torch_compile():
+    """Traced by torch.compile, the mask's bit pattern is computed in the graph
+    (not cached on the tensor); values and gradients are the same."""
+    import torch
+
+    w = torch.tensor([[0.5, np.nan], [np.inf, -1.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = torch.compile(lambda a: rk_backend.apply_mask(a, mask), backend="eager")(w)
+    out.backward(torch.tensor([[1.0, np.nan], [np.inf, 2.0]]))
+    np.testing.assert_array_equal(numpy(out.detach()), [[0.5, 0.0], [0.0, -1.0]])
+    np.testing.assert_array_equal(numpy(w.grad), [[1.0, 0.0], [0.0, 2.0]])
+    assert not hasattr(mask, "_rk_keep_bits")
+
+
 def test_non_finite_scores_skip_updates_and_training_continues():
     x, y = classification_data(100)
     # NaN sample weights make every growth gradient NaN; training data is clean.
