@@ -240,8 +240,8 @@ _TORCH: list = []
 
 
 def _torch():
-    """The torch autograd functions below, made on first use (so that torch is
-    imported only under the torch backend)."""
+    """(torch.Tensor, the masked-weight autograd function's `apply`), made on
+    first use (so that torch is imported only under the torch backend)."""
     if not _TORCH:
         import torch
 
@@ -251,18 +251,20 @@ def _torch():
             """-1 (all bits set) where `mask` is non-zero, else 0, as the
             integer type of `dtype`'s size.
 
-            Cached on the mask tensor and remade when its version changes:
-            every in-place write (a Keras `assign`, a user's `copy_`) bumps a
-            torch tensor's version, so a stale pattern is never used. Costs
-            one integer copy of each mask. Not cached while torch.compile
-            traces (the compiler fuses the comparison into the AND).
+            Cached on the mask tensor and remade when its version or storage
+            changes: every in-place write (a Keras `assign`, a user's
+            `copy_`) bumps a torch tensor's version, and a move replaces its
+            storage, so a stale pattern is never used. Costs one integer copy
+            of each mask. Not cached while torch.compile traces (the compiler
+            fuses the comparison into the AND).
             """
             int_type = int_types[dtype.itemsize]
             if torch.compiler.is_compiling():
                 return (mask != 0).to(int_type).neg()
+            stamp = (mask._version, mask.data_ptr())
             cache = getattr(mask, "_rk_keep_bits", None)
-            if cache is None or cache[0] != mask._version:
-                cache = mask._rk_keep_bits = (mask._version, {})
+            if cache is None or cache[0] != stamp:
+                cache = mask._rk_keep_bits = (stamp, {})
             bits = cache[1].get(int_type)
             if bits is None:
                 with torch.no_grad():

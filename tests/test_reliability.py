@@ -217,6 +217,22 @@ def test_torch_mask_traced_by_torch_compile():
     assert not hasattr(mask, "_rk_keep_bits")
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch tensor storage")
+def test_torch_mask_pattern_follows_a_replaced_storage():
+    """Setting `.data` (as `Module.to` does) replaces a tensor's storage without
+    bumping its version: the cached bit pattern is remade all the same."""
+    import torch
+
+    layer = rk.MaskedDense(3, use_bias=False)
+    layer.build((None, 4))
+    w = rk.MaskedWeight(layer, "kernel", "w")
+    w.variable.assign(np.ones((4, 3), "float32"))
+    x = np.ones((1, 4), "float32")
+    np.testing.assert_array_equal(numpy(layer(x)), 4.0)
+    w.mask.value.data = torch.tensor([[1.0, 0.0, 0.0]] * 4)
+    np.testing.assert_array_equal(numpy(layer(x)), [[4.0, 0.0, 0.0]])
+
+
 def test_non_finite_scores_skip_updates_and_training_continues():
     x, y = classification_data(100)
     # NaN sample weights make every growth gradient NaN; training data is clean.
