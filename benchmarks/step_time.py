@@ -7,8 +7,8 @@ for comparison, updated by the callback after every batch from the captured
 gradient) and gradual magnitude pruning are timed in one process, interleaved
 round by round; the script prints each one's median (over rounds) of the time
 per step within an epoch (callbacks' per-batch work, connectivity updates and
-input included; epoch set-up and tear-down not), and its ratio to dense. Absolute times depend on the machine; the
-ratios are what to compare.
+input included; epoch set-up and tear-down not), and its ratio to dense.
+Absolute times depend on the machine; the ratios are what to compare.
 
     python benchmarks/step_time.py --backend {tensorflow,jax,torch} [--steps 300] [--rounds 5]
 """
