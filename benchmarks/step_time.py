@@ -100,7 +100,7 @@ class StepClock:
         """`callbacks` between the clock's start and stop callbacks."""
         return [self.start, *callbacks, self.stop]
 
-    def ratio_to(self, dense: "StepClock") -> tuple[float, float, float]:
+    def ratio_to(self, dense: StepClock) -> tuple[float, float, float]:
         """This configuration's step cost ÷ dense's, estimated three ways.
 
         Returns:
