@@ -241,6 +241,15 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     `steps_per_execution` > 1); those entries never reach the model's output
     in between.
 
+    Where the training step runs eagerly (PyTorch without `jit_compile`),
+    gradient capture is paused for the batches whose gradient the method
+    does not read (`reads_captured_gradient`): RigL's between updates, all of
+    SET's. Those steps then cost what static sparse training does. The
+    capture variables read NaN while paused (`layers.pause_capture`), and
+    capture is back on when `fit` ends. A compiled step (TensorFlow, JAX)
+    captures at every step: pausing would retrace it. So does an optimizer
+    with `use_ema`.
+
     Args:
       seed: seed of everything random the method does.
       check_invariants: after every connectivity change, verify binary masks,
@@ -371,6 +380,28 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._fresh = True
         self.setup()
         self._counts = self._current_counts()
+        optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        # Keras' `use_ema` matches the trainable variables at the end of fit
+        # against those the optimizer was built with (before on_train_end).
+        self._pausing = (keras.backend.backend() == "torch" and not getattr(model, "jit_compile", False)
+                         and not getattr(optimizer, "use_ema", False))
+        if self._pausing:
+            # A fit that raised may have left capture paused: start from on.
+            object.__setattr__(model, "_rk_capture_demand", {})
+            masked_layers.pause_capture(weights, False)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._pausing:
+            demand = self.model.__dict__["_rk_capture_demand"]
+            demand[id(self)] = self.reads_captured_gradient()
+            masked_layers.pause_capture(self._weights, not any(demand.values()))
+
+    def on_train_end(self, logs=None):
+        if self._pausing:
+            demand = self.model.__dict__.get("_rk_capture_demand", {})
+            demand.pop(id(self), None)
+            if not any(demand.values()):
+                masked_layers.pause_capture(self._weights, False)
 
     def on_train_batch_end(self, batch, logs=None):
         # Reading the step syncs with the device, so it is read only when an
@@ -417,6 +448,12 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     # -- for subclasses ------------------------------------------------------
     def setup(self) -> None:
         """Called at train begin once `masked_weights` is known."""
+
+    def reads_captured_gradient(self) -> bool:
+        """Whether the batch about to be trained may end at an event that
+        reads the captured gradients G. Capture is paused for batches for
+        which no callback says so (eager PyTorch only). Default: always."""
+        return True
 
     def schedule_ready(self) -> None:
         """Called at the first epoch begin, once this fit's first step is known."""
@@ -607,7 +644,19 @@ class DynamicSparseCallback(SparseTrainingCallback):
         if update_step is not None:
             self.update(update_step, logs)
 
+    def reads_captured_gradient(self) -> bool:
+        """True when the grow scores come from captured gradients and this
+        batch may end at the next event (the step estimate never falls
+        behind the true step, so capture may start early, never late)."""
+        source = getattr(self, "source", None)
+        if source is None or not source.captured or self._end is None:
+            return False
+        due = self.next_event(self._last_step)
+        return due is not None and (
+            self._last_step + (self._unread + 1) * self._steps_per_execution >= due)
+
     def on_train_batch_begin(self, batch, logs=None):
+        super().on_train_batch_begin(batch, logs)
         # Official RigL timing: keep the state from before an update batch so
         # that the batch's optimizer step can be undone once its gradient is
         # read. The step is read (a device sync) only when one may be due.

@@ -198,7 +198,10 @@ class MaskedWeight:
 
     @property
     def gradient(self) -> keras.Variable | None:
-        """The capture variable G (∂L/∂W_eff of the last batch), or None."""
+        """The capture variable G (∂L/∂W_eff of the last batch), or None.
+
+        NaN while capture is paused (`pause_capture`: on eager PyTorch, by
+        RigL and SET between the batches they read G from)."""
         return self.layer._rk_grads.get(self.attribute)
 
     @property
@@ -266,6 +269,30 @@ class MaskedWeight:
         return f"MaskedWeight({self.name!r}, shape={self.shape})"
 
 
+def pause_capture(weights, paused: bool) -> None:
+    """Takes the capture variables G of `weights` out of the training step, or
+    puts them back.
+
+    Paused, G gets no gradient and is not trainable (so no optimizer sees a
+    missing gradient), and the step costs what it does without capture. G
+    is filled with NaN when paused, so that a read of it before the next
+    captured step is loudly wrong instead of silently stale. Only where the
+    training step runs eagerly (PyTorch without `jit_compile`): a compiled
+    step bakes capture in when traced (see `SparseTrainingCallback`).
+
+    Args:
+      weights: `MaskedWeight`s (those without G are skipped).
+      paused: True to pause, False to capture again.
+    """
+    for w in weights:
+        g = w.gradient
+        if g is None or g.trainable != paused:
+            continue
+        g.trainable = not paused
+        if paused:
+            g.assign(np.full(w.shape, np.nan, dtype=g.dtype))
+
+
 def _add_untracked_weight(layer, name, shape, initializer, trainable, dtype, autocast=False):
     # Layers lock their variable tracker after build; masks, capture and
     # momentum variables are added to built layers.
@@ -298,8 +325,11 @@ def _masked_property(attribute: str) -> property:
         if value is None or not masks or attribute not in masks:
             return value  # during the base class's build
         beta = self._rk_momentum_beta.get(attribute)
+        grad = self._rk_grads.get(attribute)
+        if grad is not None and not grad.trainable:  # capture paused (`pause_capture`)
+            grad = None
         return backend.masked_value(
-            value, masks[attribute], self._rk_grads.get(attribute),
+            value, masks[attribute], grad,
             None if beta is None else self._rk_momenta[attribute], beta or 0.0)
 
     def setter(self, value):

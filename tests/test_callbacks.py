@@ -130,6 +130,61 @@ def test_rigl_without_grow_data_grows_top_k_of_the_captured_gradient():
     assert grown_somewhere
 
 
+class BatchGradientRigL(rk.RigLCallback):
+    """Checks at every update that G is ∂L/∂W_eff of the batch just trained
+    on (lr 0: the weights at the update are those the batch saw) and of no
+    other batch."""
+
+    def __init__(self, x, y, batch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.checked = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        super().on_train_batch_begin(batch, logs)
+        self.batch = batch
+
+    def update(self, step, logs=None):
+        weights = self.masked_weights
+        captured = [numpy(w.gradient) for w in weights]
+        rows = slice(self.batch * self.batch_size, (self.batch + 1) * self.batch_size)
+        other = slice(((self.batch + 1) % 10) * self.batch_size,
+                      ((self.batch + 1) % 10 + 1) * self.batch_size)
+        mine = rk.backend.dense_gradients(self.model, weights, (self.x[rows], self.y[rows]))
+        theirs = rk.backend.dense_gradients(self.model, weights, (self.x[other], self.y[other]))
+        for g, a, b in zip(captured, mine, theirs):
+            np.testing.assert_allclose(g, numpy(a), rtol=1e-4, atol=1e-6)
+            assert not np.allclose(g, numpy(b), rtol=1e-4, atol=1e-6)
+        self.checked.append(step)
+        return super().update(step, logs)
+
+
+def test_update_reads_the_gradient_of_its_own_batch_and_capture_pauses_between_updates():
+    """On eager PyTorch capture is paused between updates (G reads NaN, not
+    stale values) and on for the update batches; compiled backends capture
+    at every step. Either way the update grows from its own batch's gradient."""
+    x, y = classification_data(200)
+    model = rk.sparsify(mlp(), 0.8, "erk", seed=0)
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rigl = BatchGradientRigL(x, y, 20, delta_t=4, alpha=0.3, end_step=20)
+    finite = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            weights = rk.masked_weights(self.model)  # (syncs JAX's training state)
+            finite.append(all(np.isfinite(numpy(w.gradient)).all() for w in weights))
+
+    probe = Probe()
+    model.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0, callbacks=[rigl, probe])
+    assert rigl.checked == [4, 8, 12, 16]
+    if keras.backend.backend() == "torch":
+        # Batch i ends at step i + 1; updates at steps 4, 8, 12, 16.
+        assert finite == [(i + 1) % 4 == 0 and i < 16 for i in range(20)]
+    else:
+        assert all(finite)
+    assert all(w.gradient.trainable for w in rk.masked_weights(model))  # capture back on
+
+
 @pytest.mark.parametrize("grow_data", [False, True], ids=["captured", "grow_data"])
 def test_fit_changes_connectivity_with_exact_counts_and_logs(grow_data):
     x, y = classification_data(400)

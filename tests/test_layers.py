@@ -141,6 +141,83 @@ def test_forward_follows_every_mask_change(policy):
         w.variable.assign(stored)
 
 
+
+TORCH_ONLY = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch tensors")
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_torch_forward_cleans_the_stored_weight_in_place_once(policy):
+    """Eager torch reads the stored weight itself, zeroed outside its mask in
+    place (no masked copy): once per change of the weight or the mask."""
+    mask = _masked_dense()[2]
+    layer = rk.MaskedDense(3, dtype=policy)
+    layer.build((None, 4))
+    w = _weight(layer)
+    w.mask.assign(mask)
+    garbage = np.where(mask == 1, 0.5, np.nan).astype("float32")
+    w.variable.assign(garbage)
+    x = np.ones((2, 4), "float32")
+    out = npv(layer(x))
+    np.testing.assert_allclose(out, np.ones((2, 4)) @ np.where(mask == 1, 0.5, 0.0), rtol=1e-3)
+    np.testing.assert_array_equal(npv(w.variable), np.where(mask == 1, 0.5, 0.0))
+    param = w.variable.value if policy == "float32" else w.variable._value
+    version = param._version
+    layer(x)
+    assert param._version == version  # nothing changed: no second AND
+    # A mask change alone (the weight untouched) is followed.
+    fewer = mask.copy()
+    fewer[0] = 0
+    w.mask.assign(fewer)
+    np.testing.assert_allclose(npv(layer(x)), np.ones((2, 4)) @ np.where(fewer == 1, 0.5, 0.0),
+                               rtol=1e-3)
+    assert not param._backward_hooks  # hooks go on each forward pass's own node
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("capture", [False, True])
+def test_torch_gradient_of_the_stored_weight_is_masked(capture):
+    """`.grad` of the stored weight (what `backward`, and so Keras' torch
+    trainer, gives) is masked, also when it accumulates over two backward
+    passes and when the layer is called twice in one pass. Without capture,
+    `torch.autograd.grad` with respect to the stored weight gives ∂L/∂W_eff,
+    unmasked (documented in `backend._torch_mask_grad`)."""
+    import torch
+
+    layer = rk.MaskedDense(4, use_bias=False, capture_gradients=capture)
+    layer.build((None, 4))
+    w = _weight(layer)
+    mask = np.eye(4, dtype="float32")
+    w.mask.assign(mask)
+    w.variable.assign(np.full((4, 4), 2.0, "float32"))
+    x = torch.ones((1, 4))
+    upstream = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    param = w.variable.value
+    layer(x).backward(upstream)
+    np.testing.assert_array_equal(npv(param.grad), np.diag([1.0, 2.0, 3.0, 4.0]))
+    layer(layer(x)).sum().backward()  # accumulates: d/dW_ii of sum(x W W) is 4 here
+    np.testing.assert_array_equal(npv(param.grad), np.diag([5.0, 6.0, 7.0, 8.0]))
+    param.grad = None
+    (grad,) = torch.autograd.grad(layer(x).sum(), [param])
+    np.testing.assert_array_equal(npv(grad), mask if capture else np.ones((4, 4)))
+
+
+@TORCH_ONLY
+def test_torch_stateless_call_leaves_its_inputs_untouched():
+    """Values given to `stateless_call` are not the variables' storage: masked
+    by a copy, never in place."""
+    model = rk.sparsify(keras.Sequential([keras.Input((4,)), L.Dense(3, name="d")]), 0.5, "erk", seed=1)
+    w = rk.masked_weights(model)[0]
+    mask = npv(w.mask)
+    values = [keras.ops.convert_to_tensor(np.where(mask == 0, np.nan, 1.0).astype("float32"))
+              if v is w.variable else v.value for v in model.trainable_variables]
+    x = np.ones((2, 4), "float32")
+    out, _ = model.stateless_call(values, [v.value for v in model.non_trainable_variables], x)
+    bias = npv(model.get_layer("d").bias)
+    np.testing.assert_allclose(npv(out), x @ mask + bias, rtol=1e-6)
+    assert np.isnan(npv(values[[v is w.variable for v in model.trainable_variables].index(True)])).any()
+
+
 def _model():
     inputs = keras.Input((6, 6, 3))
     x = rk.MaskedConv2D(4, 3, activation="relu", name="c")(inputs)
