@@ -1,13 +1,22 @@
 """What an exact mask costs a PyTorch matmul, forward and backward, on CPU.
 
-Times `x @ W` and its backward (batch 100, W 784×300 at 90% sparsity) with W
-unmasked, masked by rigl_keras (`backend.masked_value`: a bitwise AND in one
-autograd function) and multiplied by the mask (which lets a NaN stored
-outside the mask through), and the select alone (the AND, the multiply).
-Interleaved in rounds; the fastest round of each is printed (the machine is
-shared: slower rounds are other work).
+Times `x @ W` and its backward (batch 100, W 784×300 at 90% sparsity), each
+call after an in-place write to W (as an optimizer step makes), with W
+unmasked; masked by rigl_keras on Keras variables (`backend.masked_value`,
+eager: W zeroed outside the mask in place, `.grad` masked in place by an
+accumulate hook); masked by its autograd function (a bitwise AND forward and
+backward: the path for plain tensors, torch.compile and stateless calls);
+multiplied by the mask (which lets a NaN stored outside the mask through);
+and the select alone (the AND, the multiply). Interleaved in rounds; the
+fastest round of each is printed (the machine is shared: slower rounds are
+other work).
 
-    python benchmarks/torch_mask_cost.py [--rounds 30]
+Then whole Keras training steps of LeNet-300-100 (batch 100, SGD with
+momentum): dense, and 90% sparse with each of the two masking paths,
+interleaved step by step in a new random order each time; printed: the
+median over steps of each step's time ÷ the dense step's next to it.
+
+    python benchmarks/torch_mask_cost.py [--rounds 30] [--steps 1500]
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ import time
 
 os.environ["KERAS_BACKEND"] = "torch"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import keras  # noqa: E402
 import torch  # noqa: E402
 
 from rigl_keras import backend  # noqa: E402
@@ -29,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
+    parser.add_argument("--steps", type=int, default=1500, help="whole training steps of each model")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -36,17 +48,23 @@ def main() -> None:
     mask = (torch.rand(784, 300) > 0.9).float()
     bits = (mask != 0).to(torch.int32).neg()
     x = torch.randn(100, 784)
+    variable = keras.Variable(w.detach() * mask)
+    mask_variable = keras.Variable(mask, trainable=False)
 
-    def step(effective):
+    def step(weight, effective):
         def run():
+            with torch.no_grad():
+                weight.mul_(1.0)  # a write, as the optimizer step makes
             (x @ effective()).sum().backward()
-            w.grad = None
+            weight.grad = None
         return run
 
     cases = {
-        "x @ W, forward+backward": step(lambda: w),
-        "x @ masked_value(W)": step(lambda: backend.masked_value(w, mask)),
-        "x @ (W * mask)": step(lambda: w * mask),
+        "x @ W, forward+backward": step(w, lambda: w),
+        "x @ masked_value(W) eager": step(variable.value,
+                                          lambda: backend.masked_value(variable, mask_variable)),
+        "x @ autograd function": step(w, lambda: backend.masked_value(w, mask)),
+        "x @ (W * mask)": step(w, lambda: w * mask),
         "AND alone": lambda: (w.detach().view(torch.int32) & bits).view(torch.float32),
         "multiply alone": lambda: w.detach() * mask,
     }
@@ -60,6 +78,49 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {args.rounds} rounds")
     for name, seconds in best.items():
         print(f"{name:<26} {1e6 * seconds:8.1f} µs")
+    whole_steps(args.steps)
+
+
+def whole_steps(steps: int) -> None:
+    import random
+    import statistics
+
+    import numpy as np
+
+    import rigl_keras as rk
+    from step_time import compiled, lenet_300_100
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    data = [(torch.tensor(rng.random((100, 784), dtype="float32")),
+             torch.tensor(rng.integers(0, 10, 100)))]
+    models = {"dense": compiled(lenet_300_100()),
+              "in place + .grad hook": compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform",
+                                                             capture_gradients=False)),
+              "autograd function": compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform",
+                                                        capture_gradients=False))}
+    times = {name: [] for name in models}
+
+    def run(name):
+        backend._TORCH_IN_PLACE = name != "autograd function"
+        start = time.perf_counter()
+        models[name].train_function(data)
+        return time.perf_counter() - start
+
+    for name in models:
+        models[name].train_on_batch(*data[0])  # builds the step
+        run(name)
+    order = list(models)
+    for _ in range(steps):
+        random.shuffle(order)
+        for name in order:
+            times[name].append(run(name))
+    backend._TORCH_IN_PLACE = True
+    print(f"whole training steps, {steps} of each, interleaved (dense "
+          f"{1000 * statistics.median(times['dense']):.2f} ms median)")
+    for name, seq in times.items():
+        ratio = statistics.median(a / b for a, b in zip(seq, times["dense"]))
+        print(f"{name:<26} {ratio:8.3f} × dense")
 
 
 if __name__ == "__main__":

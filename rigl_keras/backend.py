@@ -237,6 +237,9 @@ def _with_moving_average(effective, m, beta: float):
 
 
 _TORCH: list = []
+# False sends eager torch through the autograd function too (for
+# benchmarks/torch_mask_cost.py to compare the two).
+_TORCH_IN_PLACE = True
 
 
 def _torch():
@@ -380,7 +383,7 @@ def _torch_effective(weight, mask, grad, momentum, beta: float):
     Elsewhere (torch.compile, stateless calls): the autograd function.
     """
     t = _torch()
-    value = _torch_clean(t, weight, mask)
+    value = _torch_clean(t, weight, mask) if _TORCH_IN_PLACE else None
     if value is None:
         return _torch_masked(*(None if x is None else _value(x)
                                for x in (weight, mask, grad, momentum)), beta)

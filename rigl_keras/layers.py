@@ -290,7 +290,7 @@ def pause_capture(weights, paused: bool) -> None:
             continue
         g.trainable = not paused
         if paused:
-            g.assign(np.full(w.shape, np.nan, dtype=g.dtype))
+            g.assign(keras.ops.full(w.shape, float("nan"), dtype=g.dtype))
 
 
 def _add_untracked_weight(layer, name, shape, initializer, trainable, dtype, autocast=False):
