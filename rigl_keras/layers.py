@@ -201,7 +201,8 @@ class MaskedWeight:
         """The capture variable G (∂L/∂W_eff of the last batch), or None.
 
         NaN while capture is paused (`pause_capture`: on eager PyTorch, by
-        RigL and SET between the batches they read G from)."""
+        RigL and SET between the batches they read G from), and after a fit
+        that ended paused until the next training step."""
         return self.layer._rk_grads.get(self.attribute)
 
     @property
