@@ -19,6 +19,7 @@ comes closest.)
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import types
 import warnings
 
@@ -241,14 +242,15 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     `steps_per_execution` > 1); those entries never reach the model's output
     in between.
 
-    Where the training step runs eagerly (PyTorch without `jit_compile`),
-    gradient capture is paused for the batches whose gradient the method
-    does not read (`reads_captured_gradient`): RigL's between updates, all of
-    SET's. Those steps then cost what static sparse training does. The
-    capture variables read NaN while paused (`layers.pause_capture`), and
-    capture is back on when `fit` ends. A compiled step (TensorFlow, JAX)
-    captures at every step: pausing would retrace it. So does an optimizer
-    with `use_ema`.
+    On PyTorch and TensorFlow, gradient capture is paused for the batches
+    whose gradient the method does not read (`reads_captured_gradient`):
+    RigL's between updates, all of SET's. Those steps then cost what static
+    sparse training does. The capture variables read NaN while paused
+    (`layers.pause_capture`), and capture is back on when `fit` ends. A
+    compiled TensorFlow step is traced once more, without capture, on the
+    first paused batch after each `compile`. JAX captures at every step (its
+    trainer fixes the trainable variables for the whole fit), and so does an
+    optimizer with `use_ema`.
 
     Args:
       seed: seed of everything random the method does.
@@ -381,27 +383,26 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self.setup()
         self._counts = self._current_counts()
         optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-        # Keras' `use_ema` matches the trainable variables at the end of fit
-        # against those the optimizer was built with (before on_train_end).
-        self._pausing = (keras.backend.backend() == "torch" and not getattr(model, "jit_compile", False)
-                         and not getattr(optimizer, "use_ema", False))
+        self._pausing = _pausing(model, optimizer, weights)
         if self._pausing:
             # A fit that raised may have left capture paused: start from on.
             object.__setattr__(model, "_rk_capture_demand", {})
-            masked_layers.pause_capture(weights, False)
+            _set_capture(model, weights, self._pausing, paused=False)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._pausing:
-            demand = self.model.__dict__["_rk_capture_demand"]
+            model = self.model
+            demand = model.__dict__["_rk_capture_demand"]
             demand[id(self)] = self.reads_captured_gradient()
-            masked_layers.pause_capture(self._weights, not any(demand.values()))
+            _set_capture(model, self._weights, self._pausing, paused=not any(demand.values()))
 
     def on_train_end(self, logs=None):
         if self._pausing:
-            demand = self.model.__dict__.get("_rk_capture_demand", {})
+            model = self.model
+            demand = model.__dict__.get("_rk_capture_demand", {})
             demand.pop(id(self), None)
             if not any(demand.values()):
-                masked_layers.pause_capture(self._weights, False)
+                _set_capture(model, self._weights, self._pausing, paused=False)
 
     def on_train_batch_end(self, batch, logs=None):
         # Reading the step syncs with the device, so it is read only when an
@@ -710,6 +711,53 @@ class DynamicSparseCallback(SparseTrainingCallback):
         ]
         self.record(logs if logs is not None else {}, fraction, results)
         return results
+
+
+def _pausing(model, optimizer, weights) -> str | None:
+    """How capture can be paused between the batches that read it: "eager"
+    (the step reads the trainable variables at every call: PyTorch without
+    `jit_compile`, TensorFlow with `run_eagerly`), "swap" (TensorFlow's
+    compiled step: one traced with capture and one without, swapped in as
+    `model.train_function`), or None (JAX, whose trainer fixes the trainable
+    variables for the whole fit; no capture variable; `use_ema`, whose
+    averages Keras matches against the trainable variables before
+    `on_train_end`)."""
+    if getattr(optimizer, "use_ema", False) or all(w.gradient is None for w in weights):
+        return None
+    backend = keras.backend.backend()
+    if backend == "torch" and not getattr(model, "jit_compile", False):
+        return "eager"
+    if backend == "tensorflow":
+        return "eager" if getattr(model, "run_eagerly", False) else "swap"
+    return None
+
+
+def _set_capture(model, weights, pausing: str, paused: bool) -> None:
+    """Pauses (or resumes) capture for the coming batch (`pause_capture`).
+
+    "swap": TensorFlow traces which variables are trainable into its step,
+    so each state has its own step function, made (and traced) on first
+    use and kept on the model until it is compiled again; `fit` calls
+    `model.train_function` afresh for every batch.
+    """
+    optimizer = model.optimizer
+    if paused and not optimizer.built:
+        # Otherwise the first step builds it, and a paused one leaves G out.
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            optimizer.build(model.trainable_variables)
+    masked_layers.pause_capture(weights, paused)
+    if pausing != "swap":
+        return
+    steps = model.__dict__.get("_rk_train_functions")
+    if steps is None or model.train_function not in steps:
+        # A new compile (or the first fit): Keras made this one with capture on.
+        steps = [model.train_function, None]
+        object.__setattr__(model, "_rk_train_functions", steps)
+    if steps[paused] is None:
+        model.make_train_function(force=True)
+        steps[paused] = model.train_function
+    model.train_function = steps[paused]
 
 
 def _gradient_scale(optimizer) -> float:

@@ -200,9 +200,9 @@ class MaskedWeight:
     def gradient(self) -> keras.Variable | None:
         """The capture variable G (∂L/∂W_eff of the last batch), or None.
 
-        NaN while capture is paused (`pause_capture`: on eager PyTorch, by
-        RigL and SET between the batches they read G from), and after a fit
-        that ended paused until the next training step."""
+        NaN while capture is paused (`pause_capture`: on PyTorch and
+        TensorFlow, by RigL and SET between the batches they read G from),
+        and after a fit that ended paused until the next training step."""
         return self.layer._rk_grads.get(self.attribute)
 
     @property
@@ -277,9 +277,9 @@ def pause_capture(weights, paused: bool) -> None:
     Paused, G gets no gradient and is not trainable (so no optimizer sees a
     missing gradient), and the step costs what it does without capture. G
     is filled with NaN when paused, so that a read of it before the next
-    captured step is loudly wrong instead of silently stale. Only where the
-    training step runs eagerly (PyTorch without `jit_compile`): a compiled
-    step bakes capture in when traced (see `SparseTrainingCallback`).
+    captured step is loudly wrong instead of silently stale. A compiled step
+    bakes in when traced which variables are trainable: the sparse-training
+    callbacks keep one TensorFlow step per state (`SparseTrainingCallback`).
 
     Args:
       weights: `MaskedWeight`s (those without G are skipped).

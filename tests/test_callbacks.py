@@ -159,30 +159,41 @@ class BatchGradientRigL(rk.RigLCallback):
         return super().update(step, logs)
 
 
-def test_update_reads_the_gradient_of_its_own_batch_and_capture_pauses_between_updates():
-    """On eager PyTorch capture is paused between updates (G reads NaN, not
-    stale values) and on for the update batches; compiled backends capture
-    at every step. Either way the update grows from its own batch's gradient."""
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
+def test_update_reads_the_gradient_of_its_own_batch_and_capture_pauses_between_updates(run_eagerly):
+    """On PyTorch and TensorFlow capture is paused between updates (G reads
+    NaN, not stale values) and on for the update batches; JAX captures at
+    every step. Either way the update grows from its own batch's gradient."""
     x, y = classification_data(200)
     model = rk.sparsify(mlp(), 0.8, "erk", seed=0)
-    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rigl = BatchGradientRigL(x, y, 20, delta_t=4, alpha=0.3, end_step=20)
-    finite = []
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=run_eagerly)
+    rigl = BatchGradientRigL(x, y, 20, delta_t=4, alpha=0.3, end_step=40)
+    finite, functions = [], []
 
     class Probe(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             weights = rk.masked_weights(self.model)  # (syncs JAX's training state)
             finite.append(all(np.isfinite(numpy(w.gradient)).all() for w in weights))
+            functions.append(getattr(self.model, "train_function", None))
 
     probe = Probe()
     model.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0, callbacks=[rigl, probe])
-    assert rigl.checked == [4, 8, 12, 16]
-    if keras.backend.backend() == "torch":
-        # Batch i ends at step i + 1; updates at steps 4, 8, 12, 16.
-        assert finite == [(i + 1) % 4 == 0 and i < 16 for i in range(20)]
-    else:
+    assert rigl.checked == [4, 8, 12, 16, 20]
+    if keras.backend.backend() == "jax":
         assert all(finite)
+    else:
+        # Batch i ends at step i + 1; updates every 4 steps.
+        assert finite == [(i + 1) % 4 == 0 for i in range(20)]
     assert all(w.gradient.trainable for w in rk.masked_weights(model))  # capture back on
+    if keras.backend.backend() == "tensorflow" and not run_eagerly:
+        # Two step functions, each traced once, swapped in and out; the
+        # captured one is left in place; a second fit makes no new one.
+        assert len(set(map(id, functions))) == 2
+        assert model.train_function is functions[3]
+        model.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0, callbacks=[rigl, probe])
+        assert len(set(map(id, functions))) == 2
+        assert rigl.checked[-2:] == [24, 28]
 
 
 @pytest.mark.parametrize("grow_data", [False, True], ids=["captured", "grow_data"])
