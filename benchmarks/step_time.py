@@ -13,8 +13,10 @@ The machine this project runs on is shared: other work slows whole stretches
 of steps, by up to 2x. So the ratio printed first is the median over rounds of
 each round's median step ÷ dense's median step of the same round, plus the
 update steps' median excess, spread over all steps; the ratios of pooled
-medians and of plain means follow, for comparison. Absolute times depend on
-the machine; the ratios are what to compare.
+medians and of plain means follow, for comparison, and then the number of
+update steps and an update step's median excess over the other steps, in
+dense steps. Absolute times depend on the machine; the ratios are what to
+compare.
 
     python benchmarks/step_time.py --backend {tensorflow,jax,torch} [--steps 25] [--rounds 60]
 """
@@ -185,10 +187,17 @@ def main() -> None:
     print(f"LeNet-300-100, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, "
           f"backend {keras.backend.backend()}, dense "
           f"{1000 * statistics.median(dense.steps()):.3f} ms/step")
-    print(f"{'configuration':<18} {'÷ dense':>8} {'pooled':>8} {'mean':>8} {'updates':>8}")
+    print(f"{'configuration':<18} {'÷ dense':>8} {'pooled':>8} {'mean':>8} {'updates':>8} "
+          f"{'update':>8}")
+    dense_step = statistics.median(dense.steps())
     for name, clock in clocks.items():
         paired, median, mean = clock.ratio_to(dense)
-        print(f"{name:<18} {paired:>8.3f} {median:>8.3f} {mean:>8.3f} {len(clock.updates):>8}")
+        # An update step's median excess over this configuration's other
+        # steps, in dense steps.
+        update = (statistics.median(clock.updates) - statistics.median(clock.steps())) / dense_step \
+            if clock.updates else 0.0
+        print(f"{name:<18} {paired:>8.3f} {median:>8.3f} {mean:>8.3f} {len(clock.updates):>8} "
+              f"{update:>8.2f}")
 
 
 if __name__ == "__main__":
