@@ -37,7 +37,8 @@ test: install-test data text-data
 
 bench: install
 	$(PIP) install -q -e ".[jax]" "torch==2.13.0"
-	@for backend in $(BACKENDS); do $(PYTHON) benchmarks/step_time.py --backend $$backend; done
+	@for backend in $(BACKENDS); do $(PYTHON) benchmarks/step_time.py --backend $$backend; \
+	  $(PYTHON) benchmarks/mask_cost.py --backend $$backend; done
 
 # Offline English prose for examples/char_lm.py: the King James Bible
 # (Debian's bible-kjv: the `bible` decoder, pulling in bible-kjv-text's

@@ -11,12 +11,9 @@ and the select alone (the AND, the multiply). Interleaved in rounds; the
 fastest round of each is printed (the machine is shared: slower rounds are
 other work).
 
-Then whole Keras training steps of LeNet-300-100 (batch 100, SGD with
-momentum): dense, and 90% sparse with each of the two masking paths,
-interleaved step by step in a new random order each time; printed: the
-median over steps of each step's time ÷ the dense step's next to it.
+Whole Keras training steps, both paths: `mask_cost.py --backend torch`.
 
-    python benchmarks/torch_mask_cost.py [--rounds 30] [--steps 1500]
+    python benchmarks/torch_mask_cost.py [--rounds 30]
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import time
 
 os.environ["KERAS_BACKEND"] = "torch"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import torch  # noqa: E402
@@ -40,7 +36,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
-    parser.add_argument("--steps", type=int, default=1500, help="whole training steps of each model")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -78,49 +73,6 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {args.rounds} rounds")
     for name, seconds in best.items():
         print(f"{name:<26} {1e6 * seconds:8.1f} µs")
-    whole_steps(args.steps)
-
-
-def whole_steps(steps: int) -> None:
-    import random
-    import statistics
-
-    import numpy as np
-
-    import rigl_keras as rk
-    from step_time import compiled, lenet_300_100
-
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    data = [(torch.tensor(rng.random((100, 784), dtype="float32")),
-             torch.tensor(rng.integers(0, 10, 100)))]
-    models = {"dense": compiled(lenet_300_100()),
-              "in place + .grad hook": compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform",
-                                                             capture_gradients=False)),
-              "autograd function": compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform",
-                                                        capture_gradients=False))}
-    times = {name: [] for name in models}
-
-    def run(name):
-        backend._TORCH_IN_PLACE = name != "autograd function"
-        start = time.perf_counter()
-        models[name].train_function(data)
-        return time.perf_counter() - start
-
-    for name in models:
-        models[name].train_on_batch(*data[0])  # builds the step
-        run(name)
-    order = list(models)
-    for _ in range(steps):
-        random.shuffle(order)
-        for name in order:
-            times[name].append(run(name))
-    backend._TORCH_IN_PLACE = True
-    print(f"whole training steps, {steps} of each, interleaved (dense "
-          f"{1000 * statistics.median(times['dense']):.2f} ms median)")
-    for name, seq in times.items():
-        ratio = statistics.median(a / b for a, b in zip(seq, times["dense"]))
-        print(f"{name:<26} {ratio:8.3f} × dense")
 
 
 if __name__ == "__main__":

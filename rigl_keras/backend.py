@@ -238,7 +238,7 @@ def _with_moving_average(effective, m, beta: float):
 
 _TORCH: list = []
 # False sends eager torch through the autograd function too (for
-# benchmarks/torch_mask_cost.py to compare the two).
+# benchmarks/mask_cost.py to compare the two).
 _TORCH_IN_PLACE = True
 
 
