@@ -453,7 +453,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     def reads_captured_gradient(self) -> bool:
         """Whether the batch about to be trained may end at an event that
         reads the captured gradients G. Capture is paused for batches for
-        which no callback says so (eager PyTorch only). Default: always."""
+        which no callback says so (PyTorch and TensorFlow). Default: always."""
         return True
 
     def schedule_ready(self) -> None:
