@@ -388,6 +388,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             # A fit that raised may have left capture paused: start from on.
             object.__setattr__(model, "_rk_capture_demand", {})
             _set_capture(model, weights, self._pausing, paused=False)
+        _check_optimizer_tracks_capture(model, optimizer, weights, type(self).__name__)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._pausing:
@@ -732,6 +733,26 @@ def _pausing(model, optimizer, weights) -> str | None:
     return None
 
 
+def _check_optimizer_tracks_capture(model, optimizer, weights, name: str) -> None:
+    """Raises before training if a built optimizer cannot step the trainable
+    capture variables (Keras would raise "Unknown variable" at the first
+    captured batch, mid-fit): it was built while capture was paused, by a
+    step taken after a fit that raised while paused."""
+    if not getattr(optimizer, "built", False):
+        return
+    known = {id(v) for v in getattr(optimizer, "_trainable_variables", None) or ()}
+    trainable = {id(v) for v in model.trainable_variables}
+    missing = [w.gradient.path for w in weights
+               if w.gradient is not None and id(w.gradient) in trainable and id(w.gradient) not in known]
+    if known and missing:
+        raise ValueError(
+            f"{name}: the model's optimizer was built without the gradient-capture variables "
+            f"{missing[:3]}, so it cannot capture gradients: it took its first step while capture "
+            "was paused (a fit that raised leaves it paused). Capture is back on now: compile "
+            "the model again (a new optimizer) before fitting."
+        )
+
+
 def _set_capture(model, weights, pausing: str, paused: bool) -> None:
     """Pauses (or resumes) capture for the coming batch (`pause_capture`).
 
@@ -751,7 +772,8 @@ def _set_capture(model, weights, pausing: str, paused: bool) -> None:
         return
     steps = model.__dict__.get("_rk_train_functions")
     if steps is None or model.train_function not in steps:
-        # A new compile (or the first fit): Keras made this one with capture on.
+        # A new compile (or the first fit): Keras made this one, and `fit`
+        # traces it (for its input iterator) with capture on.
         steps = [model.train_function, None]
         object.__setattr__(model, "_rk_train_functions", steps)
     if steps[paused] is None:

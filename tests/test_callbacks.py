@@ -196,6 +196,41 @@ def test_update_reads_the_gradient_of_its_own_batch_and_capture_pauses_between_u
         assert rigl.checked[-2:] == [24, 28]
 
 
+@pytest.mark.parametrize("recompile", ["same_optimizer", "new_optimizer"])
+def test_capture_is_back_after_a_fit_that_raised_while_paused(recompile):
+    """A fit that raises leaves capture paused (Keras calls no on_train_end).
+    A step traced in that state is not taken for one with capture; an
+    optimizer built in that state is refused before training."""
+    x, y = classification_data(200)
+    model = rk.sparsify(mlp(), 0.8, "erk", seed=0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.SGD(0.0)
+    model.compile(optimizer, loss)
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0,
+                  callbacks=[rk.RigLCallback(delta_t=4, end_step=40), Boom()])
+    # New step functions; the step traced while capture is still paused.
+    model.compile(optimizer if recompile == "same_optimizer" else keras.optimizers.SGD(0.0), loss)
+    model.train_on_batch(x[:20], y[:20])
+    rigl = BatchGradientRigL(x, y, 20, delta_t=4, alpha=0.3, end_step=40)
+    if recompile == "new_optimizer" and keras.backend.backend() != "jax":  # JAX never pauses
+        # That step built the new optimizer without G.
+        with pytest.raises(ValueError, match="built without the gradient-capture variables"):
+            model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl])
+        model.compile(keras.optimizers.SGD(0.0), loss)
+        model.train_on_batch(x[:20], y[:20])  # traced with capture on
+    step = int(numpy(model.optimizer.iterations))
+    model.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0, callbacks=[rigl])
+    # G of each update's own batch.
+    assert rigl.checked == [t for t in range(step + 1, step + 11) if t % 4 == 0]
+
+
 @pytest.mark.parametrize("grow_data", [False, True], ids=["captured", "grow_data"])
 def test_fit_changes_connectivity_with_exact_counts_and_logs(grow_data):
     x, y = classification_data(400)
