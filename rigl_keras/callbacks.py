@@ -779,7 +779,8 @@ def _set_capture(model, weights, pausing: str, paused: bool) -> None:
     if steps[paused] is None:
         model.make_train_function(force=True)
         steps[paused] = model.train_function
-    model.train_function = steps[paused]
+    if model.train_function is not steps[paused]:  # Keras' setattr tracks: only on a change
+        model.train_function = steps[paused]
 
 
 def _gradient_scale(optimizer) -> float:
