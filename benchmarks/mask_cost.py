@@ -5,10 +5,13 @@ gradient capture (what RigL's update batches run), take training steps
 (batch 100, SGD with momentum) interleaved one by one, in a new random order
 every round: each model's step runs within milliseconds of the others, so a
 slow stretch of the shared machine slows all of them alike. On PyTorch, the
-masked model also runs once more through the autograd function (the path of
-`torch.compile` and stateless calls) instead of its in-place path. On
-PyTorch and TensorFlow, a model with capture also runs with it paused, as
-the callbacks pause it between RigL updates. Each step
+masked model also runs as a sparse-training callback's `fit` runs it (the
+optimizer's steps vouch that they keep the weights 0 outside the masks, so
+the next forward pass skips its in-place AND over each weight), and through
+the autograd function (the path of `torch.compile` and stateless calls)
+instead of its in-place path. On PyTorch and TensorFlow, a model with
+capture also runs with it paused, as the callbacks pause it between RigL
+updates (on PyTorch, vouched for as well). Each step
 is the backend's compiled (TensorFlow, JAX) or eager (PyTorch) training
 function, as `fit` calls it, with no callback; printed: the median over
 rounds of each step's time ÷ the dense step's of the same round.
@@ -17,6 +20,7 @@ rounds of each step's time ÷ the dense step's of the same round.
 included, with whole epochs interleaved, which leaves more noise.
 
     python benchmarks/mask_cost.py --backend {tensorflow,jax,torch} [--steps 1500]
+        [--distribution {uniform,erk}]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np  # noqa: E402
 from step_time import compiled, lenet_300_100  # noqa: E402
 
 import rigl_keras as rk  # noqa: E402
-from rigl_keras import backend  # noqa: E402
+from rigl_keras import backend, callbacks, engine  # noqa: E402
 
 
 def stepper(model, x, y):
@@ -74,6 +78,8 @@ def stepper(model, x, y):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500, help="steps of each model")
+    parser.add_argument("--distribution", default="uniform", choices=("uniform", "erk"),
+                        help="uniform keeps the first layer dense (paper §3(1)); erk masks all three")
     parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
                         help="Keras backend (default: KERAS_BACKEND or Keras' default)")
     args = parser.parse_args()
@@ -83,13 +89,23 @@ def main() -> None:
     x = rng.random((100, 784), dtype="float32")
     y = rng.integers(0, 10, 100)
 
+    def keep_clean(model):
+        # What a sparse-training callback's `on_train_begin` does on PyTorch
+        # (nothing elsewhere): steps that keep the weights 0 outside their
+        # masks say so, and the next forward pass skips its AND.
+        callbacks._keep_clean_through_steps(model, model.optimizer,
+                                            engine.optimizer_traits(model.optimizer))
+        return model
+
     def sparse(capture):
-        return compiled(rk.sparsify(lenet_300_100(), 0.9, "uniform", capture_gradients=capture))
+        return compiled(rk.sparsify(lenet_300_100(), 0.9, args.distribution, capture_gradients=capture))
 
     models = {"dense": compiled(lenet_300_100()), "static 90%": sparse(False),
               "static 90% + capture": sparse(True)}
+    if keras.backend.backend() == "torch":
+        models["static 90%, in a callback's fit"] = keep_clean(sparse(False))
     if keras.backend.backend() != "jax":  # JAX's fit captures at every step
-        paused = models["capture paused (RigL between updates)"] = sparse(True)
+        paused = models["capture paused (RigL between updates)"] = keep_clean(sparse(True))
         paused.optimizer.build(paused.trainable_variables)  # with G, as the callbacks do
         rk.layers.pause_capture(rk.masked_weights(paused), True)
     if keras.backend.backend() == "torch":
@@ -113,7 +129,7 @@ def main() -> None:
             steps[name]()
             times[name].append(time.perf_counter() - start)
     in_place(None)
-    print(f"LeNet-300-100, batch 100, {args.steps} steps of each, interleaved, backend "
+    print(f"LeNet-300-100 ({args.distribution}), batch 100, {args.steps} steps of each, interleaved, backend "
           f"{keras.backend.backend()}, dense {1000 * statistics.median(times['dense']):.3f} ms/step")
     for name, seq in times.items():
         ratio = statistics.median(a / b for a, b in zip(seq, times["dense"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -256,7 +257,9 @@ def _torch():
 
         def keep_bits(mask, dtype):
             """-1 (all bits set) where `mask` is non-zero, else 0, as the
-            integer type of `dtype`'s size.
+            integer type of `dtype`'s size; None where `mask` is non-zero
+            everywhere (a weight kept dense, such as the first layer under
+            "uniform"): there is nothing to mask, and every AND is skipped.
 
             Cached on the mask tensor and remade when its version or storage
             changes: every in-place write (a Keras `assign`, a user's
@@ -272,14 +275,14 @@ def _torch():
             cache = getattr(mask, "_rk_keep_bits", None)
             if cache is None or cache[0] != stamp:
                 cache = mask._rk_keep_bits = (stamp, {})
-            bits = cache[1].get(int_type)
-            if bits is None:
+            if int_type not in cache[1]:
                 with torch.no_grad():
-                    bits = cache[1][int_type] = (mask != 0).to(int_type).neg_()
-            return bits
+                    keep = mask != 0
+                    cache[1][int_type] = None if bool(keep.all()) else keep.to(int_type).neg_()
+            return cache[1][int_type]
 
         def select(value, bits):
-            return (value.view(bits.dtype) & bits).view(value.dtype)
+            return value if bits is None else (value.view(bits.dtype) & bits).view(value.dtype)
 
         class Masked(torch.autograd.Function):
             @staticmethod
@@ -347,8 +350,10 @@ def _torch_clean(t, variable, mask):
     Then the forward pass reads the weight as it is. A kernel-sized masked
     copy per weight and step costs eager CPU torch several % of a
     LeNet-300-100 step; the in-place AND runs only when the weight, its mask
-    or their storage changed since the last one (the optimizer step, an
-    `assign`, a mask update), and allocates nothing. The stored values
+    or their storage changed since the last one (the optimizer step, unless
+    a sparse-training callback has established that it kept the weight
+    clean: `torch_still_clean`; an `assign`; a mask update), and allocates
+    nothing; never for a mask without zeros. The stored values
     outside the mask are never read: a position grows with value 0, and
     saving keeps active values only.
     """
@@ -364,7 +369,8 @@ def _torch_clean(t, variable, mask):
         bits = t.keep_bits(mask_value, param.dtype)
         # `detach` shares the version counter (the write is seen) and needs
         # no `no_grad` block (~7 µs of Python).
-        param.detach().view(bits.dtype).bitwise_and_(bits)
+        if bits is not None:
+            param.detach().view(bits.dtype).bitwise_and_(bits)
         param._rk_clean = (param._version,) + stamp[1:]
         if value is not param:  # cast before the AND: cast again
             value = variable.value
@@ -413,13 +419,65 @@ def _torch_mask_grad(t, param, mask_value) -> None:
         def mask_grad(param):
             grad, mask = param.grad, param._rk_grad_mask
             bits = keep_bits(mask, grad.dtype)
-            if grad.layout == t.strided:
+            if bits is None:
+                pass  # nothing masked
+            elif grad.layout == t.strided:
                 grad.view(bits.dtype).bitwise_and_(bits)  # the parameter's own gradient
             else:
-                param.grad = select(grad.to_dense(), bits)
+                grad = param.grad = select(grad.to_dense(), bits)
+            # Which gradient, as of which write, is masked by which mask
+            # (`torch_clean_through_step`).
+            param._rk_masked_grad = (weakref.ref(grad), grad._version, mask._version, mask.data_ptr())
 
         param.register_post_accumulate_grad_hook(mask_grad)
     param._rk_grad_mask = mask_value
+
+
+def torch_clean_before_step(grads, variables) -> tuple[list, list]:
+    """PyTorch, eager: which masked weights an optimizer step about to apply
+    `grads` to `variables` starts clean from, with masked gradients.
+
+    Returns:
+      (clean, unmasked): `clean` holds a token per masked weight whose
+      stored value is exactly 0 outside its mask now (the forward pass's
+      in-place AND is current: `_torch_clean`) and whose gradient is its own
+      `.grad` exactly as the mask hook left it, ANDed with that same mask
+      and not written since; `unmasked` holds the variables of the other
+      masked weights (a gradient from `torch.autograd.grad`, or changed
+      after the hook). Pass `clean` to `torch_still_clean` after the step.
+    """
+    clean, unmasked = [], []
+    for grad, variable in zip(grads, variables):
+        param = getattr(variable, "_value", None)
+        mask = getattr(param, "_rk_grad_mask", None)
+        if mask is None:
+            continue  # not a masked weight on the in-place path
+        record = getattr(param, "_rk_masked_grad", None)
+        mask_stamp = (mask._version, mask.data_ptr())
+        if (grad is None or record is None or grad is not param.grad or record[0]() is not grad
+                or record[1:] != (grad._version,) + mask_stamp):
+            unmasked.append(variable)
+        elif getattr(param, "_rk_clean", None) == (param._version, mask._version,
+                                                    param.data_ptr(), mask.data_ptr()):
+            clean.append((variable, param, mask))
+    return clean, unmasked
+
+
+def torch_mask_stamp(mask) -> tuple:
+    """PyTorch: an identity of a mask tensor's current contents (any write or
+    move changes it)."""
+    return (mask._version, mask.data_ptr())
+
+
+def torch_still_clean(clean) -> None:
+    """Records that the weights of `clean` (from `torch_clean_before_step`)
+    are still exactly 0 outside their masks after the step, so that the next
+    forward pass skips its AND: the caller has established that the step
+    cannot have moved an entry whose gradient is 0 (`engine.optimizer_traits`,
+    state outside the mask at its initial value, no constraint that could).
+    """
+    for _, param, mask in clean:
+        param._rk_clean = (param._version, mask._version, param.data_ptr(), mask.data_ptr())
 
 
 def _torch_average(m, up, beta: float):

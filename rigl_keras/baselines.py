@@ -52,9 +52,12 @@ class StaticCallback(SparseTrainingCallback):
     """Static sparse training: the random mask of `sparsify` never changes.
 
     Masked layers already keep their connectivity without any callback (the
-    gradient outside the mask is zero); this callback only makes the choice
+    gradient outside the mask is zero); this callback makes the choice
     explicit, checks that the model is masked, and can audit invariants at
-    every epoch end.
+    every epoch end. On PyTorch it also lets optimizer steps that provably
+    keep the weights 0 outside their masks skip the in-place AND the next
+    forward pass would otherwise run over each weight (as every
+    sparse-training callback does; see `SparseTrainingCallback`).
 
     Args:
       seed: unused; accepted for a uniform interface.

@@ -386,7 +386,8 @@ def _probe(inner) -> OptimizerTraits:
         slots += [(slot.name[len(prefix):], slot, ~p, keras.ops.convert_to_numpy(slot).copy())
                   for slot in probe.variables
                   if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(var.shape)]
-    for _ in range(3):
+    # Enough steps for three updates under gradient accumulation.
+    for _ in range(3 * int(getattr(inner, "gradient_accumulation_steps", None) or 1)):
         grads = [keras.ops.convert_to_tensor((rng.normal(size=s) * p).astype("float32"))
                  for s, p in zip(shapes, patterns)]
         probe.apply_gradients(zip(grads, variables))

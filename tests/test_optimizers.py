@@ -63,6 +63,8 @@ def test_every_keras_optimizer_keeps_the_invariants(name, method):
 def test_only_position_mixing_optimizers_are_projected():
     assert engine.mixes_positions(keras.optimizers.Muon())
     assert engine.mixes_positions(keras.optimizers.LossScaleOptimizer(keras.optimizers.Muon()))
+    # The probe steps through gradient accumulation (3 steps would update nothing).
+    assert engine.mixes_positions(keras.optimizers.Muon(gradient_accumulation_steps=4))
     for name in ("sgd", "adam", "adagrad", "adafactor", "ftrl", "lion", "lamb", "schedule_free_adamw"):
         assert not engine.mixes_positions(OPTIMIZERS[name]()), name
 
@@ -130,3 +132,112 @@ def test_weight_moving_average_with_captured_gradients_fails_clearly_where_keras
     else:
         model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[rigl])
         rk.check_sparsity(model)
+
+
+TORCH_ONLY = pytest.mark.skipif(keras.backend.backend() != "torch",
+                                reason="PyTorch's in-place masking (the other backends mask in the step)")
+
+
+class _VouchRecorder(keras.callbacks.Callback):
+    """After every batch: per masked weight, whether the step was vouched for
+    (its in-place clean stamp is current without a forward pass's AND) and
+    whether its stored entries outside the mask are exactly 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.vouched, self.zero, self.wrapped = [], [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        weights = rk.masked_weights(self.model)
+        self.wrapped.append("apply" in self.model.optimizer.__dict__)
+        params = [w.variable._value for w in weights]
+        self.vouched.append([getattr(p, "_rk_clean", (None,))[0] == p._version for p in params])
+        self.zero.append([bool(np.all(keras.ops.convert_to_numpy(w.variable)[
+            keras.ops.convert_to_numpy(w.mask) == 0] == 0)) for w in weights])
+
+
+def _vouch_model(kernel_constraint=None):
+    layers = [keras.Input((20,))] + [
+        keras.layers.Dense(n, activation="relu" if i < 2 else None, name=name,
+                           kernel_constraint=kernel_constraint)
+        for i, (n, name) in enumerate([(32, "fc1"), (16, "fc2"), (5, "out")])]
+    return rk.sparsify(keras.Sequential(layers), 0.8, "erk", seed=0, capture_gradients=False)
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("name", ["sgd_nesterov", "adamw", "loss_scale_adam", "sgd_clipnorm"])
+def test_torch_steps_that_keep_masked_out_entries_zero_skip_the_next_and(name):
+    """With a sparse-training callback, an elementwise optimizer's step on a
+    masked gradient leaves the stored weight 0 outside the mask, and says so:
+    the next forward pass skips its in-place AND. Training is unchanged."""
+    x, y = classification_data(60)
+    finals = []
+    for callbacks in ([rk.baselines.StaticCallback(), _VouchRecorder()], []):
+        keras.utils.set_random_seed(0)
+        model = _vouch_model(keras.constraints.MaxNorm(3.0) if name == "adamw" else None)
+        model.compile(OPTIMIZERS[name](), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=20, epochs=2, verbose=0, shuffle=False, callbacks=callbacks)
+        finals.append([keras.ops.convert_to_numpy(v) for v in model.trainable_variables])
+        if callbacks:
+            recorder = callbacks[1]
+            assert len(recorder.vouched) == 6 and all(all(step) for step in recorder.vouched)
+            assert all(all(step) for step in recorder.zero)
+            assert "apply" not in model.optimizer.__dict__  # unwrapped at train end
+    for with_callback, without in zip(*finals):
+        np.testing.assert_array_equal(with_callback, without)
+
+
+@keras.saving.register_keras_serializable(package="rigl_keras_tests")
+class _AddEverywhere(keras.constraints.Constraint):
+    def __call__(self, w):
+        return w + 0.01
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("hazard", ["optimizer_state", "gradient_changed", "constraint", "muon"])
+def test_torch_steps_that_could_move_masked_out_entries_are_not_vouched_for(hazard):
+    """Momentum left outside the mask, a gradient written after the mask hook
+    (here a later hook at the second step, whose momentum then moves masked-out
+    entries at every step; a custom step alike), a constraint that moves zeros,
+    an optimizer that mixes positions: each makes the step move entries
+    outside the mask, so the next forward pass must AND again. Without each
+    guard the model would compute with those entries."""
+    import torch
+
+    x, y = classification_data(60)
+    model = _vouch_model(_AddEverywhere() if hazard == "constraint" else None)
+    optimizer = keras.optimizers.Muon(1e-2) if hazard == "muon" else keras.optimizers.SGD(0.05, momentum=0.9)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    weights = rk.masked_weights(model)
+    if hazard == "optimizer_state":
+        optimizer.build(model.trainable_variables)
+        for w in weights:
+            for slot in engine.optimizer_state_for(optimizer, w.variable, model.trainable_variables):
+                slot.assign(keras.ops.ones(slot.shape))
+    if hazard == "gradient_changed":
+        model(x[:1])  # registers the mask hooks first
+        def add_one(param):  # at the second step only: momentum carries it on
+            if int(keras.ops.convert_to_numpy(optimizer.iterations)) == 1:
+                param.grad.add_(1.0)
+
+        for w in weights:
+            w.variable._value.register_post_accumulate_grad_hook(add_one)
+    recorder = _VouchRecorder()
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0,
+              callbacks=[rk.baselines.StaticCallback(), recorder])
+    # (The first step, before the gradient is changed, keeps them 0.)
+    vouched = recorder.vouched[1:] if hazard == "gradient_changed" else recorder.vouched
+    assert len(vouched) >= 2 and not any(any(step) for step in vouched)
+    # Muon: not even looked at (and projected after every step).
+    assert all(recorder.wrapped) == (hazard != "muon")
+    if hazard != "muon":  # (Muon: projected after every step)
+        assert not all(all(step) for step in recorder.zero)
+    out = keras.ops.convert_to_numpy(model(torch.as_tensor(x)))
+    h = x
+    for i, w in enumerate(weights):
+        mask = keras.ops.convert_to_numpy(w.mask)
+        kernel = keras.ops.convert_to_numpy(w.variable)
+        assert np.all(kernel[mask == 0] == 0), w.name
+        h = h @ kernel + keras.ops.convert_to_numpy(w.layer.bias)
+        h = np.maximum(h, 0) if i < 2 else h
+    np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-5)
