@@ -175,6 +175,37 @@ def test_torch_forward_cleans_the_stored_weight_in_place_once(policy):
 
 
 @TORCH_ONLY
+def test_torch_mask_without_zeros_costs_no_and_until_it_gets_one():
+    """A weight kept dense (all-ones mask, e.g. the first layer under
+    "uniform") is read and updated as it is: no AND over the weight or its
+    gradient. Once its mask has a zero, both are masked again."""
+    layer = rk.MaskedDense(3, use_bias=False, capture_gradients=False)
+    layer.build((None, 4))
+    w = _weight(layer)
+    w.mask.assign(np.ones((4, 3), "float32"))
+    w.variable.assign(np.full((4, 3), 0.5, "float32"))
+    param = w.variable.value
+    x = np.ones((2, 4), "float32")
+    version = param._version
+    layer(x).sum().backward()
+    plain = L.Dense(3, use_bias=False)  # the gradient's version as autograd leaves it
+    plain.build((None, 4))
+    plain(x).sum().backward()
+    assert param._version == version  # neither written
+    assert param.grad._version == plain.kernel.value.grad._version
+    np.testing.assert_array_equal(npv(param.grad), np.full((4, 3), 2.0))
+    fewer = np.ones((4, 3), "float32")
+    fewer[0] = 0
+    w.mask.assign(fewer)
+    param.grad = None
+    out = layer(x)
+    out.sum().backward()
+    np.testing.assert_array_equal(npv(out), np.full((2, 3), 1.5))
+    np.testing.assert_array_equal(npv(w.variable), 0.5 * fewer)
+    np.testing.assert_array_equal(npv(param.grad), 2.0 * fewer)
+
+
+@TORCH_ONLY
 @pytest.mark.parametrize("capture", [False, True])
 def test_torch_gradient_of_the_stored_weight_is_masked(capture):
     """`.grad` of the stored weight (what `backward`, and so Keras' torch
