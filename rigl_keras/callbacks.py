@@ -407,9 +407,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             _set_capture(model, self._weights, self._pausing, paused=not any(demand.values()))
 
     def on_train_end(self, logs=None):
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None:
-            optimizer.__dict__.pop("apply", None)  # `_keep_clean_through_steps`
+        _unwrap_apply(getattr(self.model, "optimizer", None))  # `_keep_clean_through_steps`
         if self._pausing:
             model = self.model
             demand = model.__dict__.get("_rk_capture_demand", {})
@@ -822,11 +820,16 @@ def _keep_clean_through_steps(model, optimizer, traits) -> None:
     if (keras.backend.backend() != "torch" or getattr(model, "jit_compile", False) or optimizer is None
             or getattr(inner, "use_ema", False) or traits.mixes_positions
             or traits.makes_nonfinite):
-        if optimizer is not None:
-            optimizer.__dict__.pop("apply", None)  # left by a fit that raised
+        _unwrap_apply(optimizer)  # left by a fit that raised
         return
     object.__setattr__(optimizer, "_rk_audited", {})  # what happened before this fit is unknown
     object.__setattr__(optimizer, "apply", types.MethodType(_apply_keeping_clean, optimizer))
+
+
+def _unwrap_apply(optimizer) -> None:
+    apply = getattr(optimizer, "__dict__", {}).get("apply")
+    if getattr(apply, "__func__", None) is _apply_keeping_clean:
+        del optimizer.__dict__["apply"]
 
 
 def _apply_keeping_clean(optimizer, grads, trainable_variables=None):
