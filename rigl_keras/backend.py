@@ -426,7 +426,7 @@ def _torch_mask_grad(t, param, mask_value) -> None:
             else:
                 grad = param.grad = select(grad.to_dense(), bits)
             # Which gradient, as of which write, is masked by which mask
-            # (`torch_clean_through_step`).
+            # (`torch_clean_before_step`).
             param._rk_masked_grad = (weakref.ref(grad), grad._version, mask._version, mask.data_ptr())
 
         param.register_post_accumulate_grad_hook(mask_grad)
